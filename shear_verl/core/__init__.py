@@ -1,0 +1,10 @@
+"""SHEAR weight engine: span-level Wasserstein token weights of a GRPO group (pure torch, no verl).
+
+Runs wherever its inputs live (CPU or CUDA). See SHEAR_SPEC.md for Algorithm 1 and the decisions
+this project takes where the paper is silent.
+"""
+
+from shear_verl.core.config import ShearConfig, ShearStats
+from shear_verl.core.weights import group_token_weights, shear_advantages
+
+__all__ = ["ShearConfig", "ShearStats", "group_token_weights", "shear_advantages"]

@@ -1,0 +1,306 @@
+"""SHEAR token weights of one GRPO group (Algorithm 1, lines 1-13) and their use (line 17).
+
+One function per step of Algorithm 1 (SHEAR_SPEC.md section 2):
+  1. opposing set        -> ``_Side`` (the correct and the incorrect rollouts face each other)
+  2. spans               -> ``spans.span_starts``
+  3. span distance       -> ``opposing_span_minima`` (min over all spans of all opposing rollouts)
+  4. normalisation       -> ``group_mean_norm`` / ``normalize_rollout``
+  5. token weight        -> ``spans.pool_spans_to_tokens``
+  6. advantage           -> ``shear_advantages``
+
+Speed by design, not by approximation:
+- Every metric is symmetric, so one [S_correct, S_incorrect] matrix of span distances gives the
+  minima of both sides (row minima for correct rollouts, column minima for incorrect ones).
+- The token-to-token distance matrix of each (correct, incorrect) rollout pair is computed once;
+  span cost matrices are gathered from it.
+- Exact pruning for "sinkhorn" and "w1". For uniform measures and Euclidean cost, any 1-Lipschitz f
+  gives W1(P, Q) >= E_P f - E_Q f (Kantorovich-Rubinstein), and <P_eps, C> >= W1 because the entropic
+  plan is a coupling. f(x) = <u, x> with the best unit u gives ||mean_P - mean_Q||_2 (the spec's
+  bound); f(x) = distance from x to the support of Q gives the mean nearest-neighbour distance from
+  P to Q, usually much tighter and read off the same distance matrix. A span pair whose bound
+  max(mean bound, both nearest-neighbour bounds) is >= the best value already found for both its
+  spans cannot change either minimum and is never solved, so the minima equal brute force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from shear_verl.core import metrics
+from shear_verl.core.config import ShearConfig, ShearStats
+from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
+
+# Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
+# bandwidth and the cosine distance are scale-free already, so they are left as they are.
+_METRICS_WITH_UNITS = ("sinkhorn", "w1", "chamfer")
+_PRUNABLE_METRICS = ("sinkhorn", "w1")
+# Peak working tensors per transport problem, in units of n*m elements: the gathered cost, -C/eps,
+# the kernel, and the temporaries of the first log-domain step and of the final <P, C>.
+_SOLVER_COPIES = 8
+# cdist's own temporaries besides its [T_x, T_y] output (norms, the x @ y^T product).
+_CDIST_COPIES = 3
+
+
+def validate_group(hidden_states: Sequence[torch.Tensor], correct: Sequence[bool]) -> list[torch.Tensor]:
+    """Check one group's inputs; raise ValueError naming the rollout and the problem."""
+    if len(hidden_states) != len(correct):
+        raise ValueError(
+            f"SHEAR got {len(hidden_states)} hidden-state tensors but {len(correct)} correctness flags; "
+            "pass one flag per rollout of the group"
+        )
+    states = list(hidden_states)
+    for i, h in enumerate(states):
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise ValueError(f"rollout {i}: hidden states must be a floating-point torch.Tensor, got {type(h).__name__}"
+                             + (f" of dtype {h.dtype}" if isinstance(h, torch.Tensor) else ""))
+        if h.dim() != 2:
+            raise ValueError(f"rollout {i}: hidden states must be 2-D [T, d], got shape {tuple(h.shape)}")
+        if h.shape[1] != states[0].shape[1]:
+            raise ValueError(
+                f"rollout {i}: hidden size d={h.shape[1]} differs from rollout 0's d={states[0].shape[1]}; "
+                "all rollouts of a group must come from the same layer of the same model"
+            )
+        if h.device != states[0].device:
+            raise ValueError(f"rollout {i}: on {h.device} but rollout 0 is on {states[0].device}; move the group to one device")
+    bad = [i for i, h in enumerate(states) if h.numel() and not bool(torch.isfinite(h).all())]
+    if bad:
+        raise ValueError(f"rollout {bad[0]}: hidden states contain NaN or inf (rollouts with non-finite values: {bad})")
+    return states
+
+
+def group_mean_norm(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """n_bar = mean over all tokens of all rollouts of ||h_t||_2 (Algorithm 1 lines 8-9). Scalar tensor."""
+    total = sum(torch.linalg.vector_norm(h, dim=1).sum() for h in states)
+    count = sum(h.shape[0] for h in states)
+    return total / max(count, 1)
+
+
+def normalize_rollout(weights: torch.Tensor) -> torch.Tensor:
+    """Ablation normalisation: rescale one rollout's weights to mean 1 (all-zero weights become ones)."""
+    mean = weights.mean()
+    return weights / mean if bool(mean > 0) else torch.ones_like(weights)
+
+
+@dataclasses.dataclass
+class _Side:
+    """The non-empty rollouts of one outcome and their spans, numbered globally 0..S-1."""
+
+    members: list[int]  # rollout indices within the group
+    states: list[torch.Tensor]  # [T_i, d] in compute dtype
+    starts: list[list[int]]
+    sizes: list[int]
+    first: list[int]  # global index of each rollout's first span
+    owner: torch.Tensor  # [S] position in ``members`` of each span's rollout
+    local: torch.Tensor  # [S] span index within its rollout
+
+    @classmethod
+    def build(cls, members: list[int], states: list[torch.Tensor], cfg: ShearConfig) -> _Side:
+        starts = [span_starts(h.shape[0], cfg.span_len, cfg.stride) for h in states]
+        counts = [len(s) for s in starts]
+        first = [0]
+        for c in counts[:-1]:
+            first.append(first[-1] + c)
+        device = states[0].device
+        owner = torch.repeat_interleave(torch.arange(len(states), device=device), torch.tensor(counts, device=device))
+        local = torch.cat([torch.arange(c, device=device) for c in counts])
+        sizes = [span_length(h.shape[0], cfg.span_len) for h in states]
+        return cls(members, states, starts, sizes, first, owner, local)
+
+    @property
+    def num_spans(self) -> int:
+        return self.owner.shape[0]
+
+    def span_means(self, stride: int) -> torch.Tensor:
+        """Mean hidden state of every span. [S, d]"""
+        return torch.cat([window_reduce(h, 0, st, n, stride, "mean") for h, st, n in zip(self.states, self.starts, self.sizes)])
+
+    def span_index(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """Token indices of spans ``local`` of rollout i. [B, n_i]"""
+        starts = torch.tensor(self.starts[i], device=local.device)[local]
+        return starts[:, None] + torch.arange(self.sizes[i], device=local.device)
+
+
+class _TokenDistances:
+    """Token-to-token Euclidean distances of each (correct, incorrect) rollout pair, computed once.
+
+    Blocks are kept while they fit in ``limit_bytes`` (least recently used evicted first), so a
+    group whose blocks do not all fit still runs, recomputing some of them.
+    """
+
+    def __init__(self, a: _Side, b: _Side, limit_bytes: int):
+        self.a, self.b, self.limit = a, b, limit_bytes
+        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, i: int, j: int) -> torch.Tensor:
+        key = (i, j)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        block = torch.cdist(self.a.states[i], self.b.states[j])  # [T_i, T_j]
+        size = block.numel() * block.element_size()
+        while self._cache and self._bytes + size > self.limit:
+            self._bytes -= self._cache.popitem(last=False)[1].numel() * block.element_size()
+        if size <= self.limit:
+            self._cache[key] = block
+            self._bytes += size
+        return block
+
+
+def _pairs(a: _Side, b: _Side) -> list[tuple[int, int, slice, slice]]:
+    """Every (correct rollout, incorrect rollout) pair with its rows and columns in the span matrix."""
+    return [
+        (i, j, slice(a.first[i], a.first[i] + len(a.starts[i])), slice(b.first[j], b.first[j] + len(b.starts[j])))
+        for i in range(len(a.states)) for j in range(len(b.states))
+    ]
+
+
+def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
+                      cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats) -> torch.Tensor:
+    """W_eps (or exact W1) of the span pairs (rows[p], cols[p]), batched per rollout pair. [P]"""
+    values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
+    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
+    for key in pair_key.unique().tolist():
+        i, j = divmod(key, len(b.states))
+        picked = (pair_key == key).nonzero().squeeze(1)  # [Pk]
+        block = dist(i, j)  # [T_i, T_j]
+        n, m = a.sizes[i], b.sizes[j]
+        per_batch = max(1, batch_bytes // (_SOLVER_COPIES * n * m * block.element_size()))
+        for chunk in picked.split(per_batch):
+            r = a.span_index(i, a.local[rows[chunk]])  # [B, n]
+            c = b.span_index(j, b.local[cols[chunk]])  # [B, m]
+            costs = block[r[:, :, None], c[:, None, :]]  # [B, n, m]
+            if cfg.metric == "sinkhorn":
+                v, capped = sinkhorn_transport_cost(costs, epsilon, cfg.tol, cfg.max_iter)
+                stats.capped_solves += int(capped.sum())
+            else:
+                v = metrics.exact_w1(costs)
+            values[chunk] = v
+            stats.sinkhorn_solves += chunk.shape[0]
+    return values
+
+
+def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: ShearConfig, epsilon: float,
+                              batch_bytes: int, stats: ShearStats) -> torch.Tensor:
+    """Span distance matrix [S_a, S_b] for "sinkhorn"/"w1"; with pruning, entries that cannot be a row
+    or column minimum are left at +inf (the minima are exactly brute force's)."""
+    s_a, s_b = a.num_spans, b.num_spans
+    dtype, device = a.states[0].dtype, a.states[0].device
+    values = torch.full((s_a, s_b), math.inf, dtype=dtype, device=device)
+    if not cfg.prune:
+        rows, cols = torch.ones(s_a, s_b, dtype=torch.bool, device=device).nonzero(as_tuple=True)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats)
+        return values
+
+    bound = torch.cdist(a.span_means(cfg.stride), b.span_means(cfg.stride))  # [S_a, S_b] mean bound
+    for i, j, rs, cs in _pairs(a, b):
+        x_to_y, y_to_x = metrics.mean_nearest_neighbour(dist(i, j), a.starts[i], a.sizes[i], b.starts[j], b.sizes[j],
+                                                        cfg.stride)
+        bound[rs, cs] = torch.maximum(bound[rs, cs], torch.maximum(x_to_y, y_to_x))
+    # Seed every row and column with its most promising pair, then solve the remaining candidates in
+    # rounds of increasing bound; the bests only fall, so a pair skipped once stays skippable.
+    todo = torch.zeros(s_a, s_b, dtype=torch.bool, device=device)
+    todo[torch.arange(s_a, device=device), bound.argmin(1)] = True
+    todo[bound.argmin(0), torch.arange(s_b, device=device)] = True
+    solved = torch.zeros_like(todo)
+    round_size = None  # the seeds all at once, then rounds of at most max(64, S_a + S_b) pairs
+    while True:
+        rows, cols = todo.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return values
+        order = bound[rows, cols].argsort()[:round_size]
+        rows, cols = rows[order], cols[order]
+        round_size = max(64, s_a + s_b)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats)
+        solved[rows, cols] = True
+        best_a, best_b = values.amin(1), values.amin(0)  # [S_a], [S_b]
+        todo = ~solved & ((bound < best_a[:, None]) | (bound < best_b[None, :]))
+
+
+def opposing_span_minima(a: _Side, b: _Side, cfg: ShearConfig, epsilon: float,
+                         stats: ShearStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_k (Algorithm 1 line 4) of every span of both sides: the min over all spans of all opposing rollouts.
+
+    Returns ([S_a], [S_b]). Work is chunked to stay inside cfg.memory_budget_mb: half for cached
+    token-distance blocks, half for solver batches.
+    """
+    budget = int(cfg.memory_budget_mb * 2**20)
+    dist = _TokenDistances(a, b, limit_bytes=budget // 2)
+    stats.candidate_pairs += a.num_spans * b.num_spans
+    if cfg.metric in _PRUNABLE_METRICS:
+        values = _transport_span_distances(a, b, dist, cfg, epsilon, budget // 2, stats)
+        stats.pruned_pairs += int(torch.isinf(values).sum())
+    else:
+        values = a.states[0].new_empty(a.num_spans, b.num_spans)  # [S_a, S_b]
+        means_a = a.span_means(cfg.stride) if cfg.metric == "cosine" else None
+        means_b = b.span_means(cfg.stride) if cfg.metric == "cosine" else None
+        for i, j, rs, cs in _pairs(a, b):
+            if cfg.metric == "cosine":
+                values[rs, cs] = metrics.cosine(means_a[rs], means_b[cs])
+            elif cfg.metric == "chamfer":
+                values[rs, cs] = metrics.chamfer(dist(i, j), a.starts[i], a.sizes[i], b.starts[j], b.sizes[j],
+                                                 cfg.stride)
+            else:
+                x, y = a.states[i], b.states[j]
+                values[rs, cs] = metrics.mmd(dist(i, j), torch.cdist(x, x), torch.cdist(y, y), a.starts[i], a.sizes[i],
+                                             b.starts[j], b.sizes[j], block_bytes=budget // 2)
+    return values.amin(1), values.amin(0)
+
+
+def group_token_weights(hidden_states: Sequence[torch.Tensor], correct: Sequence[bool], cfg: ShearConfig,
+                        stats: ShearStats | None = None) -> list[torch.Tensor]:
+    """SHEAR weights w_t^(i) of every response token of one GRPO group (Algorithm 1 lines 1-13).
+
+    hidden_states: G tensors [T_i, d] (the counted response tokens, in order), on one device;
+    correct: G bools. Returns G float32 tensors [T_i] on that device. Rollouts without a non-empty
+    opposing rollout keep plain GRPO (all ones). ``stats``, if given, is added to.
+    """
+    states = validate_group(hidden_states, correct)
+    flags = [bool(c) for c in correct]
+    stats = stats if stats is not None else ShearStats()
+    stats.groups += 1
+    stats.rollouts += len(states)
+    dtype = getattr(torch, cfg.compute_dtype)
+    h = [x.to(dtype) for x in states]  # [T_i, d]
+    out = [torch.ones(x.shape[0], dtype=torch.float32, device=x.device) for x in states]
+    side_members = [[i for i, x in enumerate(h) if flags[i] == outcome and x.shape[0] > 0] for outcome in (True, False)]
+    if not all(side_members):
+        stats.fallback_rollouts += len(states)
+        return out
+    stats.mixed_groups += 1
+
+    n_bar = group_mean_norm(h)
+    scale = n_bar if bool(n_bar > 0) else torch.ones_like(n_bar)
+    if cfg.epsilon_mode == "relative":  # eps in units of n_bar: compute on h / n_bar, already normalised
+        h, post_scale = [x / scale for x in h], 1.0
+    else:  # raw eps on raw states, then divide the distances by n_bar
+        post_scale = 1.0 / scale
+    if cfg.metric not in _METRICS_WITH_UNITS:
+        post_scale = 1.0
+
+    good, bad = (_Side.build(m, [h[i] for i in m], cfg) for m in side_members)
+    min_good, min_bad = opposing_span_minima(good, bad, cfg, cfg.epsilon, stats)  # [S_good], [S_bad]
+    for side, minima in ((good, min_good), (bad, min_bad)):
+        for pos, i in enumerate(side.members):
+            span_d = minima[side.first[pos]:side.first[pos] + len(side.starts[pos])] * post_scale  # [K_i]
+            w = pool_spans_to_tokens(span_d, side.starts[pos], side.sizes[pos], h[i].shape[0], cfg.pooling)  # [T_i]
+            if cfg.normalization == "rollout":
+                w = normalize_rollout(w)
+            out[i] = w.to(torch.float32)
+    return out
+
+
+def shear_advantages(advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A_t^(i) = A_i * w_t^(i) (Algorithm 1 line 17), elementwise on [B, T]; weights >= 0 keep the sign."""
+    if advantages.shape != weights.shape:
+        raise ValueError(
+            f"shear_advantages: advantages {tuple(advantages.shape)} and token weights {tuple(weights.shape)} "
+            "must have the same [B, T] shape"
+        )
+    return advantages * weights.to(advantages.dtype)

@@ -1,0 +1,150 @@
+"""Driver side (verl's V1 trainer, in the TaskRunner): the three steps SHEAR changes.
+
+1. `_balance_batch`: whole GRPO groups per data-parallel rank (balance.py).
+2. `_compute_old_log_prob`: ask the actor workers to capture hidden states and return weights.
+3. `_compute_advantage`: fetch the weights and hand them to the `shear` estimator.
+Each function takes verl's original method as `orig` and is installed by patches.py only for
+runs whose `algorithm.adv_estimator` is `shear`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, uid_of_key
+from shear_verl.integration.estimator import pending_weights
+from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
+from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
+
+logger = logging.getLogger("shear_verl")
+
+FLAG_KEY = "shear"  # extra_info / non-tensor key: JSON ShearSettings, present only for the old-log-prob pass
+SHEAR_FIELDS = (WEIGHTS_KEY, STATS_KEY)
+
+
+def is_shear(config) -> bool:
+    return str(config.algorithm.get("adv_estimator", "")) == ESTIMATOR_NAME
+
+
+def validate_config(config) -> ShearSettings:
+    """Start-up checks for `adv_estimator=shear`; returns the parsed settings."""
+    settings = settings_from_algorithm(config.algorithm)
+    rc = config.algorithm.get("rollout_correction", None)
+    if rc is not None and rc.get("bypass_mode", False):
+        raise ValueError(
+            "algorithm.adv_estimator=shear needs verl's old-log-prob pass (SHEAR captures the hidden "
+            "states there), but algorithm.rollout_correction.bypass_mode=true skips it. Set "
+            "algorithm.rollout_correction.bypass_mode=false."
+        )
+    n = int(config.actor_rollout_ref.rollout.get("n", 1))
+    if n < 2:
+        raise ValueError(
+            f"algorithm.adv_estimator=shear compares rollouts of the same prompt, but "
+            f"actor_rollout_ref.rollout.n={n}; set it to 2 or more (the paper uses 8)."
+        )
+    if not config.trainer.get("use_v1", True):
+        raise ValueError("algorithm.adv_estimator=shear supports verl's V1 trainer only: set trainer.use_v1=true")
+    return settings
+
+
+def balance_batch(trainer, orig, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+    """verl's `_balance_batch`, with whole GRPO groups as the items that are balanced."""
+    from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+    from verl.utils.seqlen_balancing import calculate_workload, log_seqlen_unbalance
+
+    worker_group = trainer.actor_rollout_wg
+    if "actor" not in worker_group._dispatch_info:
+        worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
+    dp_size = max(worker_group._dispatch_info["actor"]) + 1
+
+    batch = upsample_batch_to_divisible_size(
+        batch, trainer._get_required_batch_multiple(dp_size), trainer.tokenizer.eos_token_id
+    )
+    seqlens = torch.tensor([tag["seq_len"] for tag in batch.tags], dtype=torch.int64)
+    workloads = calculate_workload(seqlens).tolist()
+    uids = [uid_of_key(k) for k in batch.keys]
+    partitions = group_balanced_partitions(uids, workloads, dp_size)
+    batch.reorder([row for part in partitions for row in part])
+    assert_groups_whole([uid_of_key(k) for k in batch.keys], dp_size)
+    metrics.update(log_seqlen_unbalance(seqlen_list=seqlens.tolist(), partitions=partitions, prefix=logging_prefix))
+    return batch
+
+
+def compute_old_log_prob(trainer, orig, batch, metrics):
+    """Run verl's old-log-prob pass with the capture flag set, then drop our fields from the meta."""
+    settings: ShearSettings = trainer._shear_settings
+    batch.extra_info[FLAG_KEY] = settings.to_json()
+    try:
+        out = orig(batch, metrics)
+    finally:
+        batch.extra_info.pop(FLAG_KEY, None)
+    out.extra_info.pop(FLAG_KEY, None)
+    return strip_shear_fields(out)
+
+
+def compute_advantage(trainer, orig, batch, metrics):
+    """Fetch the workers' weights, expose them to the `shear` estimator, log `shear/*` metrics."""
+    import transfer_queue as tq
+    from verl.protocol import DataProto
+
+    fields = [WEIGHTS_KEY, STATS_KEY, "uid", "response_mask", "rm_scores"]
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+    if WEIGHTS_KEY not in data.keys():
+        from shear_verl.integration.estimator import MISSING_WEIGHTS_HELP
+
+        raise RuntimeError(MISSING_WEIGHTS_HELP)
+    padded = DataProto(batch=data.to_padded_tensor())
+    weights = padded.batch[WEIGHTS_KEY].float()  # [B, T]
+    mask = padded.batch["response_mask"].bool()  # [B, T]
+    uids = [str(u) for u in padded.batch.pop("uid").tolist()]  # as verl reads it
+    scores = padded.batch["rm_scores"].float().sum(-1)  # [B]
+    stats = padded.batch[STATS_KEY].float()  # [B, S]
+    metrics.update(shear_metrics(weights, mask, scores, uids, stats, trainer._shear_settings.correct_threshold))
+    with pending_weights(weights, uids):
+        out = orig(batch, metrics)
+    return strip_shear_fields(out)
+
+
+def strip_shear_fields(batch):
+    """Later worker calls fetch every field listed in the meta: keep ours out of them."""
+    if batch.fields is not None:
+        batch.fields = [f for f in batch.fields if f not in SHEAR_FIELDS]
+    return batch
+
+
+def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[str, float]:
+    """`shear/*` metrics of one step. weights/mask [B, T], scores [B], stats [B, S]."""
+    from shear_verl.integration.balance import PAD_UID_PREFIX
+
+    real = torch.tensor([not u.startswith(PAD_UID_PREFIX) for u in uids])
+    correct = scores > threshold  # [B]
+    groups: dict[str, list[int]] = {}
+    for row, u in enumerate(uids):
+        if real[row]:
+            groups.setdefault(u, []).append(row)
+    mixed = [rows for rows in groups.values() if 0 < int(correct[rows].sum()) < len(rows)]
+    in_mixed = torch.zeros(len(uids), dtype=torch.bool)
+    for rows in mixed:
+        in_mixed[rows] = True
+    tok = mask & real[:, None]
+
+    def mean_over(rows_mask: torch.Tensor) -> float:
+        sel = tok & rows_mask[:, None]
+        return float(weights[sel].mean()) if sel.any() else 0.0
+
+    col = {name: stats[:, i].sum().item() for i, name in enumerate(STATS_COLUMNS)}
+    n_real = int(real.sum())
+    return {
+        "shear/weight_mean": mean_over(torch.ones_like(real)),
+        "shear/weight_max": float(weights[tok].max()) if tok.any() else 0.0,
+        "shear/weight_mean_correct": mean_over(correct & in_mixed),
+        "shear/weight_mean_incorrect": mean_over(~correct & in_mixed),
+        "shear/mixed_group_frac": len(mixed) / max(len(groups), 1),
+        "shear/fallback_rollout_frac": float((real & ~in_mixed).sum()) / max(n_real, 1),
+        "shear/sinkhorn_solves": col["sinkhorn_solves"],
+        "shear/pruned_frac": col["pruned_pairs"] / max(col["candidate_pairs"], 1.0),
+        "shear/capped_solves": col["capped_solves"],
+        "shear/time_s": col["time_s"],
+    }

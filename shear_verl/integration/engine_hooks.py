@@ -1,0 +1,104 @@
+"""Engine-side steps, called by the wrappers patches.py installs on verl's actor engines.
+
+Only the old-log-prob pass carries the flag (the driver puts the JSON settings under
+`extra_info["shear"]`, which reaches every micro-batch as non-tensor data); the ref pass and the
+update never see it, so they run verl's code untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shear_verl.integration.capture import (
+    HIDDEN_KEY,
+    capture_last_hidden,
+    find_decoder,
+    response_rows,
+    rows_per_sequence_padded,
+    rows_per_sequence_rmpad,
+)
+from shear_verl.integration.driver import FLAG_KEY
+from shear_verl.integration.settings import ShearSettings
+from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, compute_batch_weights, sequence_scores
+
+
+def _flag(data):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=data, key=FLAG_KEY, default=None)
+
+
+def fsdp_forward_step(engine, orig, micro_batch, loss_function, forward_only):
+    """verl's forward_step, with a hook on the decoder while the capture flag is set."""
+    if _flag(micro_batch) is None:
+        return orig(micro_batch, loss_function, forward_only)
+    store: list[torch.Tensor] = []
+    engine._shear_store = store
+    try:
+        with capture_last_hidden(find_decoder(engine.module), store):
+            return orig(micro_batch, loss_function, forward_only)
+    finally:
+        engine._shear_store = None
+
+
+def fsdp_prepare_model_outputs(engine, orig, output, output_args, micro_batch, *args, **kwargs):
+    """verl's prepare_model_outputs, plus the captured response rows under HIDDEN_KEY."""
+    from verl.utils import tensordict_utils as tu
+
+    model_output = orig(output, output_args, micro_batch, *args, **kwargs)
+    store = getattr(engine, "_shear_store", None)
+    flag = _flag(micro_batch)
+    if store is None or flag is None:
+        return model_output
+    if len(store) != 1:
+        raise RuntimeError(f"SHEAR expected one decoder forward per micro-batch, saw {len(store)}")
+    hidden = store.pop()
+    cu_seqlens = micro_batch["input_ids"].offsets()
+    if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
+        pad_size = output_args["pad_size"]
+        per_sequence = rows_per_sequence_rmpad(
+            hidden, cu_seqlens, lambda t: engine._gather_and_unpad_packed(t, pad_size)
+        )
+    else:
+        per_sequence = rows_per_sequence_padded(hidden, cu_seqlens)
+    rows = response_rows(per_sequence, micro_batch["response_mask"])  # nested [b, resp_i, H]
+    engine._shear_device = hidden.device
+    if ShearSettings.from_json(flag).offload_to_cpu:
+        rows = rows.to("cpu")  # host memory by request; weights are computed back on the device
+    model_output[HIDDEN_KEY] = rows
+    return model_output
+
+
+def infer_batch_with_weights(engine, orig, data, *args, **kwargs):
+    """verl's infer_batch; on the flagged pass, turn the captured rows into SHEAR weights.
+
+    Computed once per data-parallel rank: on the rank whose outputs verl collects
+    (`is_mp_src_rank_with_outputs`); the SP / TP peers drop their copy.
+    """
+    flag = _flag(data)
+    output = orig(data, *args, **kwargs)
+    if flag is None or output is None:
+        return output
+    model_output = output.get("model_output", {})
+    hidden = model_output.pop(HIDDEN_KEY, None)
+    if not engine.is_mp_src_rank_with_outputs():
+        return output
+    if hidden is None:
+        raise RuntimeError(
+            f"SHEAR capture produced no hidden states in {type(engine).__name__}: the decoder hook did "
+            "not run (unsupported model wrapper or engine path)"
+        )
+    settings = ShearSettings.from_json(flag)
+    uids = data["uid"]
+    uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+    weights, stats = compute_batch_weights(
+        hidden=list(hidden.unbind()),
+        response_mask=list(data["response_mask"].unbind()),
+        scores=sequence_scores(data["rm_scores"]),
+        uids=[str(u) for u in uids],
+        settings=settings,
+        device=getattr(engine, "_shear_device", None),
+    )
+    model_output[WEIGHTS_KEY] = torch.nested.as_nested_tensor(weights, layout=torch.jagged)  # [b, resp_i]
+    model_output[STATS_KEY] = stats  # [b, S]
+    return output

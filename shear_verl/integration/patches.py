@@ -1,0 +1,177 @@
+"""Every monkeypatch shear-verl applies to verl (SHEAR integration). CPU-only patches: shear_verl.cpu.
+
+Installed lazily: the `verl.plugins` entry point runs inside `import verl` in every process, so
+instead of importing verl's trainer and engines there (seconds, and half of verl), a post-import
+hook patches each class when verl itself imports its module. Each patch checks the verl version
+and the patched symbol first, and refuses with a message naming the supported versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+
+logger = logging.getLogger("shear_verl")
+
+SUPPORTED_VERL = ("0.9.",)  # verl 0.9.x; developed and tested against 0.9.1
+_PATCHED_ATTR = "__shear_verl_patched__"
+
+
+class UnsupportedVerlError(RuntimeError):
+    pass
+
+
+def check_verl_version() -> str:
+    import verl
+
+    version = getattr(verl, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_VERL):
+        raise UnsupportedVerlError(
+            f"shear-verl supports verl 0.9.x (tested with 0.9.1), found verl {version}. "
+            "Install verl==0.9.1 or a shear-verl release that supports your verl."
+        )
+    return version
+
+
+def _require(cls: type, name: str, params: tuple[str, ...]) -> Callable:
+    """The method `cls.name`, after checking it exists with the parameters we wrap."""
+    fn = cls.__dict__.get(name)
+    if fn is None:
+        raise UnsupportedVerlError(
+            f"shear-verl cannot patch {cls.__module__}.{cls.__qualname__}.{name}: not found. "
+            "shear-verl supports verl 0.9.x (tested with 0.9.1)."
+        )
+    got = tuple(inspect.signature(fn).parameters)[: len(params)]
+    if got != params:
+        raise UnsupportedVerlError(
+            f"shear-verl cannot patch {cls.__qualname__}.{name}: expected parameters {params}, found "
+            f"{got}. shear-verl supports verl 0.9.x (tested with 0.9.1)."
+        )
+    return fn
+
+
+def _wrap(cls: type, name: str, params: tuple[str, ...], make: Callable[[Callable], Callable]) -> None:
+    orig = _require(cls, name, params)
+    if getattr(orig, _PATCHED_ATTR, False):
+        return
+    wrapper = functools.wraps(orig)(make(orig))
+    setattr(wrapper, _PATCHED_ATTR, True)
+    setattr(cls, name, wrapper)
+
+
+def _delegate(hook: Callable) -> Callable[[Callable], Callable]:
+    """make(orig) -> method calling hook(self, bound_orig, *args, **kwargs)."""
+
+    def make(orig):
+        def method(self, *args, **kwargs):
+            return hook(self, functools.partial(orig, self), *args, **kwargs)
+
+        return method
+
+    return make
+
+
+# ----------------------------------------------------------------------------- driver (V1 trainer)
+def patch_trainer(module) -> None:
+    """verl.trainer.ppo.v1.trainer_base.PPOTrainer: balance / old-log-prob / advantage, shear only."""
+    from shear_verl.integration import driver
+
+    check_verl_version()
+    cls = module.PPOTrainer
+
+    def make_init(orig):
+        def __init__(self, config, *args, **kwargs):
+            settings = driver.validate_config(config) if driver.is_shear(config) else None
+            orig(self, config, *args, **kwargs)
+            self._shear_settings = settings
+            if settings is not None:
+                for name in ("_balance_batch", "_compute_old_log_prob", "_compute_advantage"):
+                    if not getattr(getattr(type(self), name), _PATCHED_ATTR, False):
+                        raise ValueError(
+                            f"algorithm.adv_estimator=shear does not support trainer.v1.trainer_mode="
+                            f"{config.trainer.v1.trainer_mode!r} ({type(self).__name__} overrides {name}); "
+                            "use trainer.v1.trainer_mode=sync"
+                        )
+
+        return __init__
+
+    def make_step(step):
+        def make(orig):
+            def method(self, batch, metrics, *args, **kwargs):
+                if getattr(self, "_shear_settings", None) is None:
+                    return orig(self, batch, metrics, *args, **kwargs)
+                return step(self, functools.partial(orig, self), batch, metrics, *args, **kwargs)
+
+            return method
+
+        return make
+
+    _wrap(cls, "__init__", ("self", "config"), make_init)
+    _wrap(cls, "_balance_batch", ("self", "batch", "metrics"), make_step(driver.balance_batch))
+    _wrap(cls, "_compute_old_log_prob", ("self", "batch", "metrics"), make_step(driver.compute_old_log_prob))
+    _wrap(cls, "_compute_advantage", ("self", "batch", "metrics"), make_step(driver.compute_advantage))
+
+
+# ----------------------------------------------------------------------------- FSDP actor engine
+def patch_fsdp_engine(module) -> None:
+    """verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead: hidden-state capture."""
+    from shear_verl.integration import engine_hooks
+
+    check_verl_version()
+    cls = module.FSDPEngineWithLMHead
+    _wrap(cls, "forward_step", ("self", "micro_batch", "loss_function", "forward_only"),
+          _delegate(engine_hooks.fsdp_forward_step))
+    _wrap(cls, "prepare_model_outputs", ("self", "output", "output_args", "micro_batch"),
+          _delegate(engine_hooks.fsdp_prepare_model_outputs))
+    # infer_batch is inherited from BaseEngine; wrap it on the LM-head engine only.
+    if "infer_batch" not in cls.__dict__:
+        cls.infer_batch = module.BaseEngine.infer_batch
+    _wrap(cls, "infer_batch", ("self", "data"), _delegate(engine_hooks.infer_batch_with_weights))
+
+
+# ----------------------------------------------------------------------------- post-import hooks
+_HOOKS: dict[str, Callable] = {
+    "verl.trainer.ppo.v1.trainer_base": patch_trainer,
+    "verl.workers.engine.fsdp.transformer_impl": patch_fsdp_engine,
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, hook):
+        self._loader, self._hook = loader, hook
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._hook(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Patches a verl module right after verl imports it (stdlib has no post-import hook)."""
+
+    def find_spec(self, fullname, path, target=None):
+        hook = _HOOKS.get(fullname)
+        if hook is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, hook)
+        return spec
+
+
+def install() -> None:
+    """Patch the already-imported verl modules now and the others when they are imported."""
+    check_verl_version()
+    for name, hook in _HOOKS.items():
+        if name in sys.modules:
+            hook(sys.modules[name])
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())

@@ -1,0 +1,61 @@
+"""`algorithm.shear.*`: the user-facing knobs, split into engine knobs and integration knobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from shear_verl.core import ShearConfig
+
+ESTIMATOR_NAME = "shear"
+
+# Knobs that are not the weight engine's (shear_verl.core.ShearConfig) but the integration's.
+_INTEGRATION_KEYS = ("correct_threshold", "offload_to_cpu")
+
+
+@dataclass(frozen=True)
+class ShearSettings:
+    """Everything the workers need for one old-log-prob pass (travels as JSON in extra_info)."""
+
+    engine: ShearConfig
+    correct_threshold: float = 0.5  # a rollout is correct iff its sequence score > this
+    offload_to_cpu: bool = False  # keep captured hidden states in host memory between micro-batches
+
+    def to_json(self) -> str:
+        return json.dumps({"engine": asdict(self.engine), "correct_threshold": self.correct_threshold,
+                           "offload_to_cpu": self.offload_to_cpu})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShearSettings":
+        raw = json.loads(text)
+        return cls(engine=ShearConfig(**raw["engine"]), correct_threshold=float(raw["correct_threshold"]),
+                   offload_to_cpu=bool(raw["offload_to_cpu"]))
+
+
+def settings_from_algorithm(algorithm_cfg: Any) -> ShearSettings:
+    """Build settings from `config.algorithm` (DictConfig or dict); unknown keys raise ValueError."""
+    shear_cfg: Mapping = {}
+    if algorithm_cfg is not None and "shear" in algorithm_cfg and algorithm_cfg["shear"] is not None:
+        shear_cfg = algorithm_cfg["shear"]
+    plain = {str(k): _plain(v) for k, v in dict(shear_cfg).items()}
+    engine = ShearConfig.from_mapping(plain, ignore=_INTEGRATION_KEYS)
+    threshold = plain.get("correct_threshold", 0.5)
+    offload = plain.get("offload_to_cpu", False)
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+        raise ValueError(f"algorithm.shear.correct_threshold must be a number, got {threshold!r}")
+    if not isinstance(offload, bool):
+        raise ValueError(f"algorithm.shear.offload_to_cpu must be true/false, got {offload!r}")
+    return ShearSettings(engine=engine, correct_threshold=float(threshold), offload_to_cpu=offload)
+
+
+def _plain(value: Any) -> Any:
+    # OmegaConf scalars are already plain Python values; containers are not expected here.
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value

@@ -1,0 +1,37 @@
+"""Fixtures for the verl-integration tests: a tiny random Qwen2 and a 1-process gloo group."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gloo_world():
+    """torch.distributed on gloo with world size 1 (verl's engine all-reduces over the DP group)."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        attn_implementation="sdpa", tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    return model
