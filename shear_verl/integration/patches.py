@@ -134,10 +134,19 @@ def patch_fsdp_engine(module) -> None:
     _wrap(cls, "infer_batch", ("self", "data"), _delegate(engine_hooks.infer_batch_with_weights))
 
 
+# ----------------------------------------------------------------------------- Megatron actor engine
+def patch_megatron_engine(module) -> None:
+    """verl.workers.engine.megatron.transformer_impl.MegatronEngineWithLMHead: capture + un-sharding."""
+    from shear_verl.integration.megatron_capture import patch_megatron_engine as patch  # imports this module
+
+    patch(module)
+
+
 # ----------------------------------------------------------------------------- post-import hooks
 _HOOKS: dict[str, Callable] = {
     "verl.trainer.ppo.v1.trainer_base": patch_trainer,
     "verl.workers.engine.fsdp.transformer_impl": patch_fsdp_engine,
+    "verl.workers.engine.megatron.transformer_impl": patch_megatron_engine,
 }
 
 
