@@ -2,19 +2,18 @@
 
 Installed lazily: the `verl.plugins` entry point runs inside `import verl` in every process, so
 instead of importing verl's trainer and engines there (seconds, and half of verl), a post-import
-hook patches each class when verl itself imports its module. Each patch checks the verl version
+hook (wrapt's) patches each class when verl itself imports its module. Each patch checks the verl version
 and the patched symbol first, and refuses with a message naming the supported versions.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import inspect
 import logging
-import sys
 from collections.abc import Callable
+
+import wrapt
 
 logger = logging.getLogger("shear_verl")
 
@@ -150,37 +149,17 @@ _HOOKS: dict[str, Callable] = {
 }
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader, hook):
-        self._loader, self._hook = loader, hook
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        self._hook(module)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Patches a verl module right after verl imports it (stdlib has no post-import hook)."""
-
-    def find_spec(self, fullname, path, target=None):
-        hook = _HOOKS.get(fullname)
-        if hook is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _PatchingLoader(spec.loader, hook)
-        return spec
-
-
 def install() -> None:
-    """Patch the already-imported verl modules now and the others when they are imported."""
+    """Patch each verl module in _HOOKS now if imported, else right after verl imports it.
+
+    wrapt's post-import hooks chain with every other import hook (shear_verl.cpu uses them too),
+    which a hand-written meta-path finder would shadow.
+    """
     check_verl_version()
     for name, hook in _HOOKS.items():
-        if name in sys.modules:
-            hook(sys.modules[name])
-    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportFinder())
+        if name not in _REGISTERED:
+            _REGISTERED.add(name)
+            wrapt.register_post_import_hook(hook, name)
+
+
+_REGISTERED: set[str] = set()

@@ -1,0 +1,107 @@
+"""Summary and reward plot of tiny runs, from the per-step metrics verl's ``file`` logger wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REWARD_KEY = "critic/score/mean"  # verl's mean sequence score (the rule reward) of a step's rollouts
+SUMMARY_KEYS = {
+    "actor/grad_norm": "grad_norm",
+    "training/rollout_probs_diff_max": "rollout_probs_diff_max",
+    "response_length/mean": "response_length",
+    "timing_s/step": "step_time_s",
+}
+
+
+def reward_curve(metrics: Sequence[Mapping]) -> tuple[list[int], list[float]]:
+    """(steps, mean reward) of the steps that logged a reward, in step order."""
+    rows = sorted((m for m in metrics if REWARD_KEY in m), key=lambda m: m["step"])
+    if not rows:
+        raise ValueError(f"no step logged {REWARD_KEY!r}: is this a metrics list from verl's file logger?")
+    return [int(m["step"]) for m in rows], [float(m[REWARD_KEY]) for m in rows]
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the up to ``window - 1`` values before it."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def summarize(metrics: Sequence[Mapping], wall_s: float | None = None, window: int = 5) -> dict:
+    """Reward at the first / last step and averaged over the first / last ``window`` steps, plus
+    the last step's grad norm, rollout-vs-actor probability gap, response length and step time."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    steps, reward = reward_curve(metrics)
+    w = min(window, len(reward))
+    last = max(metrics, key=lambda m: m["step"])
+    summary = {
+        "steps": len(steps),
+        "first_step": steps[0],
+        "last_step": steps[-1],
+        "reward_first": reward[0],
+        "reward_last": reward[-1],
+        f"reward_first{w}_mean": sum(reward[:w]) / w,
+        f"reward_last{w}_mean": sum(reward[-w:]) / w,
+    }
+    summary.update({name: float(last[key]) for key, name in SUMMARY_KEYS.items() if key in last})
+    if wall_s is not None:
+        summary["wall_s"] = round(wall_s, 1)
+    return summary
+
+
+def format_summary(summaries: Mapping[str, Mapping]) -> str:
+    """A plain-text table: one column per run."""
+    runs = list(summaries)
+    keys = list(dict.fromkeys(k for s in summaries.values() for k in s))
+    width = max(len(k) for k in keys) + 2
+
+    def cell(value) -> str:
+        if isinstance(value, float) and not value.is_integer() and math.isfinite(value):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["".ljust(width) + "".join(r.rjust(14) for r in runs)]
+    for k in keys:
+        lines.append(k.ljust(width) + "".join(cell(summaries[r].get(k, "-")).rjust(14) for r in runs))
+    return "\n".join(lines)
+
+
+def plot_reward(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, window: int = 5) -> Path:
+    """PNG of mean reward per step, one line per run (with its ``window``-step moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, metrics in runs.items():
+        steps, reward = reward_curve(metrics)
+        (line,) = ax.plot(steps, reward, marker=".", alpha=0.4, label=f"{name} (per step)")
+        w = min(window, len(reward))
+        ax.plot(steps, trailing_mean(reward, w), color=line.get_color(), label=f"{name} ({w}-step mean)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"mean reward ({REWARD_KEY})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("tiny task on CPU: reward per step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_summary(summaries: Mapping[str, Mapping], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(summaries, indent=1) + "\n")
+    return path
