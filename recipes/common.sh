@@ -68,6 +68,39 @@ recipe_launch() {
   exec "$@"
 }
 
+# engine_args: the actor-engine settings, by ENGINE (fsdp, the default, or megatron). Everything
+# else in recipe_main is engine-independent, so the two backends run the same experiment.
+engine_args() {
+  case "${ENGINE:-fsdp}" in
+    fsdp)
+      ENGINE_ARGS=(
+        actor_rollout_ref.model.use_remove_padding=True
+        actor_rollout_ref.model.enable_gradient_checkpointing=True
+        actor_rollout_ref.actor.ulysses_sequence_parallel_size="$SP_SIZE"
+        actor_rollout_ref.actor.fsdp_config.param_offload="$PARAM_OFFLOAD"
+        actor_rollout_ref.actor.fsdp_config.optimizer_offload="$OPTIMIZER_OFFLOAD"
+      ) ;;
+    megatron)
+      # TP (with sequence parallelism), PP, VPP (virtual stages per rank; null: none), CP (static).
+      ENGINE_ARGS=(
+        model_engine=megatron
+        actor_rollout_ref.actor.megatron.tensor_model_parallel_size="$TP"
+        actor_rollout_ref.actor.megatron.sequence_parallel=True
+        actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="$PP"
+        actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size="$VPP"
+        actor_rollout_ref.actor.megatron.context_parallel_size="$CP"
+        actor_rollout_ref.actor.megatron.dynamic_context_parallel=False
+        actor_rollout_ref.actor.megatron.use_remove_padding=True
+        actor_rollout_ref.actor.megatron.param_offload="$PARAM_OFFLOAD"
+        actor_rollout_ref.actor.megatron.optimizer_offload="$OPTIMIZER_OFFLOAD"
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity=full
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_method=uniform
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1
+      ) ;;
+    *) echo "ENGINE=${ENGINE} is not supported: use fsdp or megatron" >&2; return 2 ;;
+  esac
+}
+
 # recipe_main "$@": the paper's RL run (SHEAR_SPEC.md section 3, App. J) on verl's stock trainer.
 # The calling recipe sets TASK, MODEL_PATH, DATA_DIR, REWARD_FN, MAX_PROMPT_LENGTH and
 # ADV_ESTIMATOR; every other setting is an environment variable with the paper's value (or, for
@@ -123,12 +156,14 @@ recipe_main() {
   METRICS_FILE="${METRICS_FILE:-$OUTPUT_DIR/metrics-$RUN_STAMP.jsonl}"
   PYTHON="${PYTHON:-python3}"
   shear_args
+  engine_args
   # verl's file logger opens METRICS_FILE without creating its directory
   [ "$RECIPE_DRY_RUN" = 1 ] || mkdir -p "$(dirname "$METRICS_FILE")"
 
   recipe_launch "$PYTHON" -m verl.trainer.main_ppo \
     algorithm.adv_estimator="$ADV_ESTIMATOR" \
     "${SHEAR_ARGS[@]}" \
+    "${ENGINE_ARGS[@]}" \
     algorithm.use_kl_in_reward=False \
     algorithm.kl_ctrl.kl_coef="$KL_COEF" \
     data.train_files="$TRAIN_FILES" \
@@ -140,21 +175,16 @@ recipe_main() {
     data.truncation=error \
     data.seed="$SEED" \
     actor_rollout_ref.model.path="$MODEL_PATH" \
-    actor_rollout_ref.model.use_remove_padding=True \
-    actor_rollout_ref.model.enable_gradient_checkpointing=True \
     actor_rollout_ref.actor.optim.lr="$LR" \
     actor_rollout_ref.actor.ppo_mini_batch_size="$PPO_MINI_BATCH_SIZE" \
     actor_rollout_ref.actor.use_dynamic_bsz=True \
     actor_rollout_ref.actor.ppo_max_token_len_per_gpu="$PPO_MAX_TOKEN_LEN_PER_GPU" \
-    actor_rollout_ref.actor.ulysses_sequence_parallel_size="$SP_SIZE" \
     actor_rollout_ref.actor.clip_ratio_low="$CLIP_RATIO_LOW" \
     actor_rollout_ref.actor.clip_ratio_high="$CLIP_RATIO_HIGH" \
     actor_rollout_ref.actor.loss_agg_mode="$LOSS_AGG_MODE" \
     actor_rollout_ref.actor.use_kl_loss=False \
     actor_rollout_ref.actor.kl_loss_coef="$KL_COEF" \
     actor_rollout_ref.actor.entropy_coeff="$ENTROPY_COEFF" \
-    actor_rollout_ref.actor.fsdp_config.param_offload="$PARAM_OFFLOAD" \
-    actor_rollout_ref.actor.fsdp_config.optimizer_offload="$OPTIMIZER_OFFLOAD" \
     actor_rollout_ref.actor.checkpoint.save_contents='["model","optimizer","extra","hf_model"]' \
     actor_rollout_ref.actor.checkpoint.load_contents='["model","optimizer","extra"]' \
     actor_rollout_ref.rollout.name=vllm \
