@@ -161,21 +161,36 @@ def _pairs(a: _Side, b: _Side) -> list[tuple[int, int, slice, slice]]:
     ]
 
 
+def _span_costs(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances) -> torch.Tensor:
+    """Cost matrices of the span pairs (rows[p], cols[p]), all of one shape, gathered from the
+    token-distance blocks of their rollout pairs. [P, n, m]"""
+    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
+    key_order = pair_key.argsort()
+    pair_key, rows, cols = pair_key[key_order], rows[key_order], cols[key_order]
+    keys, counts = pair_key.unique_consecutive(return_counts=True)
+    parts = []
+    for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
+        i, j = divmod(key, len(b.states))
+        r_tok = a.span_index(i, a.local[r])  # [Pk, n]
+        c_tok = b.span_index(j, b.local[c])  # [Pk, m]
+        parts.append(dist(i, j)[r_tok[:, :, None], c_tok[:, None, :]])
+    costs = torch.cat(parts)
+    return costs[key_order.argsort()]  # back to the order of (rows, cols)
+
+
 def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                       cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats) -> torch.Tensor:
-    """W_eps (or exact W1) of the span pairs (rows[p], cols[p]), batched per rollout pair. [P]"""
+    """W_eps (or exact W1) of the span pairs (rows[p], cols[p]), batched across rollout pairs by span shape. [P]"""
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
-    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
-    for key in pair_key.unique().tolist():
-        i, j = divmod(key, len(b.states))
-        picked = (pair_key == key).nonzero().squeeze(1)  # [Pk]
-        block = dist(i, j)  # [T_i, T_j]
-        n, m = a.sizes[i], b.sizes[j]
-        per_batch = max(1, batch_bytes // (_SOLVER_COPIES * n * m * block.element_size()))
+    size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows]]  # [P] n of each pair
+    size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols]]  # [P] m of each pair
+    shape_key = size_a * (cfg.span_len + 1) + size_b
+    for key in shape_key.unique().tolist():
+        n, m = divmod(key, cfg.span_len + 1)
+        picked = (shape_key == key).nonzero().squeeze(1)  # [Pk]
+        per_batch = max(1, batch_bytes // (_SOLVER_COPIES * n * m * values.element_size()))
         for chunk in picked.split(per_batch):
-            r = a.span_index(i, a.local[rows[chunk]])  # [B, n]
-            c = b.span_index(j, b.local[cols[chunk]])  # [B, m]
-            costs = block[r[:, :, None], c[:, None, :]]  # [B, n, m]
+            costs = _span_costs(a, b, rows[chunk], cols[chunk], dist)  # [B, n, m]
             if cfg.metric == "sinkhorn":
                 v, capped = sinkhorn_transport_cost(costs, epsilon, cfg.tol, cfg.max_iter)
                 stats.capped_solves += int(capped.sum())

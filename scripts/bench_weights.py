@@ -1,0 +1,142 @@
+"""Benchmark the SHEAR weight engine (shear_verl.core) against the naive per-span-pair POT loop.
+
+    python scripts/bench_weights.py            # G=8 (4/4 and 2/6), T in [300, 1500], d in {256, 1024}
+    python scripts/bench_weights.py --quick    # one small case, < 60 s on 2 cores
+
+Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, float32):
+  engine       group_token_weights with exact pruning (the default)
+  no-prune     the same engine solving every span pair (brute force)
+  POT loop     ot.sinkhorn2(method="sinkhorn_log", same tol and iteration cap) called once per span
+               pair, float32 torch tensors. Far too slow to run in full: it is timed on a random
+               sample of span pairs and extrapolated to all pairs (counting each unordered pair
+               once, which favours POT: Algorithm 1's loop visits each pair from both sides).
+  solves       transport problems solved (the POT loop solves every pair)
+  rel.diff     engine vs no-prune: max relative difference of the token weights;
+               engine solver vs POT: max relative difference of the sampled span distances.
+
+Synthetic hidden states with the structure that matters here (documented, not real model
+states): each rollout is a sequence of tokens from a vocabulary of random prototype vectors; the
+tokens of a response move through "reasoning phases" (each phase draws from its own small
+sub-vocabulary, shared by all rollouts of the prompt), and a hidden state is its token's
+prototype plus context noise of comparable size. Incorrect rollouts leave the shared phases half
+way through. `--iid` uses i.i.d. Gaussian states instead: no structure, so no bound can prune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+
+import ot
+import torch
+
+from shear_verl.core import ShearConfig, ShearStats, group_token_weights
+from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.spans import span_starts
+from shear_verl.core.weights import group_mean_norm
+
+
+def phased_group(lengths: list[int], correct: list[bool], d: int, seed: int, vocab: int = 4096,
+                 phase_len: int = 80, phase_vocab: int = 48, noise: float = 0.8) -> list[torch.Tensor]:
+    """LM-like hidden states: token prototypes + context noise, tokens drawn per reasoning phase."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(vocab, d, generator=g)  # [V, d]
+    phases = max(lengths) // phase_len + 1
+    shared = torch.randint(vocab, (phases, phase_vocab), generator=g)  # the prompt's common path
+    out = []
+    for length, ok in zip(lengths, correct):
+        own = torch.randint(vocab, (phases, phase_vocab), generator=g)  # where a wrong answer wanders
+        phase = torch.arange(length) // phase_len  # [T]
+        pick = torch.randint(phase_vocab, (length,), generator=g)  # [T]
+        strays = torch.full((length,), not ok) & (torch.arange(length) >= length // 2)
+        tokens = torch.where(strays, own[phase, pick], shared[phase, pick])  # [T]
+        out.append(protos[tokens] + noise * torch.randn(length, d, generator=g))  # [T, d]
+    return out
+
+
+def iid_group(lengths: list[int], d: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, d, generator=g) for t in lengths]
+
+
+def pot_loop_sample(states: list[torch.Tensor], correct: list[bool], cfg: ShearConfig, samples: int,
+                    seed: int) -> tuple[float, float]:
+    """Seconds per span pair of the naive POT loop, and the max relative difference between POT's
+    and this engine's solver on the same sampled pairs."""
+    scale = group_mean_norm(states)
+    xs = [h / scale for h in states]  # relative epsilon: eps in units of the group's mean norm
+    spans = [[(i, st) for st in span_starts(h.shape[0], cfg.span_len, cfg.stride)] for i, h in enumerate(xs)]
+    good = [s for i, sp in enumerate(spans) if correct[i] for s in sp]
+    bad = [s for i, sp in enumerate(spans) if not correct[i] for s in sp]
+    rng = random.Random(seed)
+    pairs = [(rng.choice(good), rng.choice(bad)) for _ in range(samples)]
+    w = cfg.span_len
+    a = torch.full((w,), 1.0 / w)
+    pot_values, costs = [], []
+    start = time.perf_counter()
+    for (i, k), (j, l) in pairs:
+        cost = ot.dist(xs[i][k:k + w], xs[j][l:l + w], metric="euclidean")  # [w, w]
+        pot_values.append(ot.sinkhorn2(a, a, cost, cfg.epsilon, method="sinkhorn_log", stopThr=cfg.tol,
+                                       numItermax=cfg.max_iter))
+        costs.append(cost)
+    per_pair = (time.perf_counter() - start) / samples
+    ours, _ = sinkhorn_transport_cost(torch.stack(costs), cfg.epsilon, cfg.tol, cfg.max_iter)
+    pot = torch.stack([torch.as_tensor(v) for v in pot_values]).to(ours)
+    return per_pair, float(((ours - pot).abs() / pot).max())
+
+
+def run_engine(states, correct, cfg) -> tuple[list[torch.Tensor], float, ShearStats]:
+    stats = ShearStats()
+    start = time.perf_counter()
+    weights = group_token_weights(states, correct, cfg, stats=stats)
+    return weights, time.perf_counter() - start, stats
+
+
+def max_rel_diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    return max(float(((x - y).abs() / y.abs()).max()) for x, y in zip(xs, ys) if x.numel())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small case (< 60 s on 2 cores)")
+    parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian states instead of phased ones")
+    parser.add_argument("--samples", type=int, default=None, help="span pairs timed in the POT loop")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
+    if args.quick:
+        cases = [("4/4", 256, [300, 420, 360, 480, 330, 450, 390, 300])]
+    else:
+        cases = [(split, d, None) for d in (256, 1024) for split in ("4/4", "2/6")]
+    samples = args.samples or (30 if args.quick else 100)
+    print(f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} threads, "
+          f"{'i.i.d.' if args.iid else 'phased'} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
+          f"({cfg.epsilon_mode}) tol={cfg.tol} max_iter={cfg.max_iter}; POT loop: {samples} sampled pairs, extrapolated")
+    header = (f"{'case':<22}{'pairs':>7} | {'engine s':>9}{'solves':>7}{'%':>8}{'capped':>7} | "
+              f"{'no-prune s':>10}{'x':>6}{'rel.diff':>9} | {'POT loop s':>10}{'x':>7}{'rel.diff':>9}")
+    print(header)
+    print("-" * len(header))
+    rng = random.Random(args.seed)
+    for split, d, lengths in cases:
+        n_good = int(split.split("/")[0])
+        correct = [True] * n_good + [False] * (8 - n_good)
+        lengths = lengths or [rng.randint(300, 1500) for _ in correct]
+        seed = rng.randint(0, 2**31)
+        states = iid_group(lengths, d, seed) if args.iid else phased_group(lengths, correct, d, seed)
+        weights, t_engine, st = run_engine(states, correct, cfg)
+        brute, t_brute, st_brute = run_engine(states, correct, dataclasses.replace(cfg, prune=False))
+        per_pair, pot_diff = pot_loop_sample(states, correct, cfg, samples, seed)
+        t_pot = per_pair * st.candidate_pairs
+        name = f"G=8 {split} d={d} T={min(lengths)}-{max(lengths)}"
+        print(f"{name:<22}{st.candidate_pairs:>7} | {t_engine:>9.2f}{st.sinkhorn_solves:>7}"
+              f"{100 * st.sinkhorn_solves / st.candidate_pairs:>6.1f}%{st.capped_solves:>7} | "
+              f"{t_brute:>10.2f}{t_brute / t_engine:>6.1f}{max_rel_diff(weights, brute):>9.1e} | "
+              f"{t_pot:>10.1f}{t_pot / t_engine:>7.0f}{pot_diff:>9.1e}", flush=True)
+        assert st_brute.sinkhorn_solves == st.candidate_pairs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The batched log-domain Sinkhorn solver against POT (the independent reference)."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+
+
+def _costs(batch, n, m, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=g, dtype=dtype)
+    y = torch.randn(batch, m, d, generator=g, dtype=dtype) + 0.5
+    return torch.cdist(x, y)  # [B, n, m], Euclidean ground cost
+
+
+@pytest.mark.parametrize(("n", "m", "epsilon"), [(12, 12, 0.5), (10, 17, 0.2), (30, 7, 1.0), (1, 9, 0.3)])
+def test_equals_pot_sinkhorn_log_float64(n, m, epsilon):
+    costs = _costs(6, n, m, 4, seed=n * m)
+    values, capped = sinkhorn_transport_cost(costs, epsilon, tol=1e-12, max_iter=100_000)
+    assert not capped.any()
+    for c, v in zip(costs, values):
+        ref = ot.sinkhorn2(ot.unif(n), ot.unif(m), c.numpy(), epsilon, method="sinkhorn_log",
+                           stopThr=1e-13, numItermax=200_000)
+        assert abs(float(v) - ref) <= 1e-6 * ref
+
+
+def test_float32_close_to_pot():
+    costs = _costs(8, 20, 20, 6, seed=1)
+    values, capped = sinkhorn_transport_cost(costs.float(), 0.3, tol=1e-6, max_iter=10_000)
+    assert values.dtype == torch.float32 and not capped.any()
+    ref = [ot.sinkhorn2(ot.unif(20), ot.unif(20), c.numpy(), 0.3, method="sinkhorn_log", stopThr=1e-13) for c in costs]
+    np.testing.assert_allclose(values.double().numpy(), ref, rtol=1e-5)
+
+
+def test_tends_to_exact_w1_as_epsilon_shrinks():
+    costs = _costs(3, 8, 8, 3, seed=2)
+    exact = np.array([ot.emd2(ot.unif(8), ot.unif(8), c.numpy()) for c in costs])
+    gaps = []
+    for epsilon in (0.5, 0.1, 0.05):  # smaller eps needs far more iterations, in POT too
+        values, capped = sinkhorn_transport_cost(costs, epsilon, tol=1e-9, max_iter=100_000)
+        assert not capped.any()
+        assert (values.numpy() >= exact - 1e-9).all()  # <P_eps, C> of a coupling is >= W1
+        gaps.append(np.abs(values.numpy() - exact).max())
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02 * exact.min()
+
+
+def test_reports_capped_problems_instead_of_hiding_them():
+    costs = _costs(4, 10, 10, 3, seed=3)
+    _, capped = sinkhorn_transport_cost(costs, 0.05, tol=1e-12, max_iter=3)
+    assert capped.all()
+    _, capped = sinkhorn_transport_cost(costs, 0.5, tol=1e-6, max_iter=100_000)
+    assert not capped.any()
+
+
+def test_empty_batch():
+    values, capped = sinkhorn_transport_cost(torch.zeros(0, 5, 5), 0.1, 1e-6, 100)
+    assert values.shape == (0,) and capped.shape == (0,)
