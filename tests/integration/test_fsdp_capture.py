@@ -55,7 +55,7 @@ def make_engine(cls, module):
     return engine
 
 
-def make_batch(lengths, vocab, *, rmpad, dynamic, fused, flag=True, seed=0):
+def make_batch(lengths, vocab, *, rmpad, dynamic, fused, flag=True, seed=0, settings=SETTINGS):
     """A worker-side batch as verl's V1 path delivers it: nested (jagged) per-sample fields."""
     g = torch.Generator().manual_seed(seed)
     ids, pos, resp_mask, prompts = [], [], [], []
@@ -89,7 +89,7 @@ def make_batch(lengths, vocab, *, rmpad, dynamic, fused, flag=True, seed=0):
         temperature=1.0, compute_loss=False,
     )
     if flag:
-        non_tensor[FLAG_KEY] = SETTINGS.to_json()
+        non_tensor[FLAG_KEY] = settings.to_json()
     tu.assign_non_tensor(td, **non_tensor)
     return td, ids, prompts
 
@@ -178,3 +178,17 @@ def test_worker_weights_equal_group_token_weights(engine_cls, tiny_qwen2, dynami
             assert torch.all(got[i][~masks[i]] == 0)
     stats = out["model_output"][STATS_KEY]
     assert stats.shape == (len(LENGTHS), 5) and stats[:, 0].sum() > 0  # Sinkhorn problems were solved
+
+
+def test_offload_to_host_memory_gives_the_same_weights(engine_cls, tiny_qwen2):
+    """algorithm.shear.offload_to_cpu: captured rows wait in host memory; the weights do not change."""
+    import dataclasses
+
+    engine = make_engine(engine_cls, tiny_qwen2)
+    kept, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False)
+    offloaded, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False,
+                                 settings=dataclasses.replace(SETTINGS, offload_to_cpu=True))
+    a = engine.infer_batch(kept)["model_output"][WEIGHTS_KEY].unbind()
+    b = engine.infer_batch(offloaded)["model_output"][WEIGHTS_KEY].unbind()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
