@@ -57,3 +57,49 @@ def test_reports_capped_problems_instead_of_hiding_them():
 def test_empty_batch():
     values, capped = sinkhorn_transport_cost(torch.zeros(0, 5, 5), 0.1, 1e-6, 100)
     assert values.shape == (0,) and capped.shape == (0,)
+
+
+def _pot(costs, epsilon):
+    n, m = costs.shape[1:]
+    return np.array([ot.sinkhorn2(ot.unif(n), ot.unif(m), c.double().numpy(), epsilon, method="sinkhorn_log",
+                                  stopThr=1e-13, numItermax=200_000) for c in costs])
+
+
+@pytest.mark.parametrize("omega", [1.0, 1.3, 1.7, 1.95])
+def test_over_relaxation_keeps_the_fixed_point(omega):
+    costs = _costs(7, 15, 11, 5, seed=4)
+    values, capped = sinkhorn_transport_cost(costs, 0.1, tol=1e-12, max_iter=100_000, omega=omega)
+    assert not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_blocking_and_refill_give_the_same_values(block):
+    costs = _costs(10, 9, 13, 3, seed=5)  # 10 problems through blocks of 1 and 3 (refilled) or one block
+    values, capped = sinkhorn_transport_cost(costs, 0.2, tol=1e-12, max_iter=100_000, block=block)
+    assert not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.2), rtol=1e-6)
+
+
+def test_warm_starts_reach_the_same_fixed_point():
+    costs = _costs(6, 12, 12, 4, seed=6)
+    _, _, u, v = sinkhorn_transport_cost(costs, 0.3, tol=1e-12, max_iter=100_000, return_potentials=True)
+    shifted = costs.roll(1, dims=0)  # each problem warm-started from another problem's potentials
+    init_u = u.clone()
+    init_u[::2] = float("nan")  # NaN rows = no row start given: those use init_v (or start cold)
+    values, capped = sinkhorn_transport_cost(shifted, 0.3, tol=1e-12, max_iter=100_000, init_u=init_u, init_v=v)
+    assert not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(shifted, 0.3), rtol=1e-6)
+    # Started from its own converged potentials a problem is done at the first check.
+    again, _ = sinkhorn_transport_cost(costs, 0.3, tol=1e-10, max_iter=2, init_u=u)
+    np.testing.assert_allclose(again.numpy(), _pot(costs, 0.3), rtol=1e-6)
+
+
+def test_far_outlier_rows_do_not_underflow_float32():
+    # A point 40 units away from everything at eps = 0.2: exp(-C/eps) underflows float32 by far,
+    # so the first iteration must take the log domain for that problem.
+    costs = _costs(3, 10, 10, 3, seed=7)
+    costs[1, 4] += 40.0
+    values, capped = sinkhorn_transport_cost(costs.float(), 0.2, tol=1e-6, max_iter=100_000)
+    assert torch.isfinite(values).all() and not capped.any()
+    np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
