@@ -16,7 +16,7 @@ import torch
 from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, uid_of_key
 from shear_verl.integration.estimator import pending_weights
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
-from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
+from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY, sequence_scores
 
 logger = logging.getLogger("shear_verl")
 
@@ -99,7 +99,7 @@ def compute_advantage(trainer, orig, batch, metrics):
     weights = padded.batch[WEIGHTS_KEY].float()  # [B, T]
     mask = padded.batch["response_mask"].bool()  # [B, T]
     uids = [str(u) for u in padded.batch.pop("uid").tolist()]  # as verl reads it
-    scores = padded.batch["rm_scores"].float().sum(-1)  # [B]
+    scores = sequence_scores(padded.batch["rm_scores"])  # [B], as the workers decided correctness
     stats = padded.batch[STATS_KEY].float()  # [B, S]
     metrics.update(shear_metrics(weights, mask, scores, uids, stats, trainer._shear_settings.correct_threshold))
     with pending_weights(weights, uids):

@@ -61,12 +61,18 @@ def fsdp_prepare_model_outputs(engine, orig, output, output_args, micro_batch, *
         )
     else:
         per_sequence = rows_per_sequence_padded(hidden, cu_seqlens)
-    rows = response_rows(per_sequence, micro_batch["response_mask"])  # nested [b, resp_i, H]
-    engine._shear_device = hidden.device
+    stash_response_rows(engine, model_output, per_sequence, micro_batch["response_mask"], hidden.device, flag)
+    return model_output
+
+
+def stash_response_rows(engine, model_output, per_sequence, response_mask, device, flag) -> None:
+    """Put a micro-batch's response rows (old_log_probs convention) under HIDDEN_KEY, next to its
+    log-probs, so verl's own merge / dynamic-bsz restore orders them; shared by every engine."""
+    rows = response_rows(per_sequence, response_mask)  # nested [b, resp_i, H]
+    engine._shear_device = device
     if ShearSettings.from_json(flag).offload_to_cpu:
         rows = rows.to("cpu")  # host memory by request; weights are computed back on the device
     model_output[HIDDEN_KEY] = rows
-    return model_output
 
 
 def infer_batch_with_weights(engine, orig, data, *args, **kwargs):

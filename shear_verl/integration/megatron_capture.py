@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from shear_verl.integration import engine_hooks
-from shear_verl.integration.capture import HIDDEN_KEY, response_rows
 from shear_verl.integration.driver import FLAG_KEY
 from shear_verl.integration.patches import (
     UnsupportedVerlError,
@@ -33,7 +32,6 @@ from shear_verl.integration.patches import (
     _wrap,
     check_verl_version,
 )
-from shear_verl.integration.settings import ShearSettings
 
 # megatron-core versions the capture is written for: [0.16, 0.18). Tested with 0.16.1 (the newest
 # release that installs on Python 3.11; >= 0.17 declares Python >= 3.12).
@@ -194,11 +192,7 @@ def megatron_forward_step(engine, orig, batch_iter, model, logits_processor_func
         cp_layout=engine._get_context_parallel_layout(_unwrapped(model)),
     )
     if engine.is_mp_src_rank_with_outputs():  # the TP / CP peers only took part in the gathers
-        rows = response_rows(per_sequence, batch["response_mask"])  # nested [b, response_len_i, H]
-        engine._shear_device = hidden.device
-        if ShearSettings.from_json(flag).offload_to_cpu:
-            rows = rows.to("cpu")  # host memory by request; weights are computed back on the device
-        output[HIDDEN_KEY] = rows
+        engine_hooks.stash_response_rows(engine, output, per_sequence, batch["response_mask"], hidden.device, flag)
     return output, postprocess
 
 

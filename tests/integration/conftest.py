@@ -13,6 +13,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture()
+def free_port() -> int:
+    """A free TCP port on localhost (for a gloo rendezvous)."""
+    return _free_port()
+
+
 @pytest.fixture(scope="session")
 def gloo_world():
     """torch.distributed on gloo with world size 1 (verl's engine all-reduces over the DP group)."""

@@ -2,7 +2,6 @@
 weights are computed once, on the rank verl collects outputs from. See ulysses_capture_worker.py."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,8 @@ from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY
 WORKER = Path(__file__).with_name("ulysses_capture_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ulysses_gather_two_processes(tmp_path):
-    port = str(_free_port())
+def test_ulysses_gather_two_processes(tmp_path, free_port):
+    port = str(free_port)
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
