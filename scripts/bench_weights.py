@@ -24,6 +24,10 @@ sub-vocabulary, shared by all rollouts of the prompt), and a hidden state is its
 prototype plus context noise of comparable size. Incorrect rollouts leave the shared phases half
 way through. `--iid` uses i.i.d. Gaussian states instead: no structure, so no bound can prune.
 
+The engine's solves are mostly the tiled solver's (full spans on the 25-token grid share their
+kernel blocks); the final span of a rollout off that grid, and pruning's first "seed" pairs, go to
+the per-problem solver.
+
 Caveat on pruning: the context noise is isotropic and as large as the prototypes, so in d >= 256
 all span-to-span distances concentrate (W_eps of a span against its candidates differ by a few
 percent). The exact bounds (>= W1) then cannot separate them: on the d=256 4/4 case even the exact

@@ -12,7 +12,10 @@ Speed by design, not by approximation:
 - Every metric is symmetric, so one [S_correct, S_incorrect] matrix of span distances gives the
   minima of both sides (row minima for correct rollouts, column minima for incorrect ones).
 - The token-to-token distance matrix of each (correct, incorrect) rollout pair is computed once;
-  span cost matrices are gathered from it.
+  span cost matrices are windows of it. With gcd(w, s) = g, the windows of full spans on the
+  g-grid are tilings of its g x g blocks, and the tiled Sinkhorn solver builds each block's kernel
+  once for all the span pairs that share it (up to (w/g)^2 = 16 at w=100, s=25); the other windows
+  (a final span off the grid, rollouts shorter than w) are copied out for the per-problem solver.
 - Exact pruning for "sinkhorn" and "w1". For uniform measures and Euclidean cost, any 1-Lipschitz f
   gives W1(P, Q) >= E_P f - E_Q f (Kantorovich-Rubinstein), and <P_eps, C> >= W1 because the entropic
   plan is a coupling. f(x) = <u, x> with the best unit u gives ||mean_P - mean_Q||_2 (the spec's
@@ -20,9 +23,8 @@ Speed by design, not by approximation:
   P to Q, usually much tighter and read off the same distance matrix. A span pair whose bound
   max(mean bound, both nearest-neighbour bounds) is >= the best value already found for both its
   spans cannot change either minimum and is never solved, so the minima equal brute force.
-  Candidates are solved best-first (lowest bound first, in rounds), so the bests tighten early.
-- Solved pairs leave their dual potentials behind as warm starts for later pairs of the same span
-  against the same opposing rollout (``_WarmStarts``): same fixed point, fewer iterations.
+  Each span's lowest-bound pair is solved first (the seeds); then all pairs still below their
+  row's or column's best, in one batch, dense enough for the tiled solver to share blocks.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from shear_verl.core import metrics
 from shear_verl.core.config import ShearConfig, ShearStats
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
 from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
 
 # Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
@@ -48,6 +50,12 @@ _PRUNABLE_METRICS = ("sinkhorn", "w1")
 _SOLVER_COPIES = 8
 # cdist's own temporaries besides its [T_x, T_y] output (norms, the x @ y^T product).
 _CDIST_COPIES = 3
+# Smallest block edge g = gcd(span_len, stride) for which the tiled solver is used: smaller blocks
+# make its block products too small to pay for their gathers (w=100, s=25 gives g=25).
+_MIN_TILE = 16
+# Least mean fraction of a block's (w/g)^2 tile positions in use for the tiled solver: below it, its
+# block products are mostly empty slots and the per-problem solver is faster (e.g. pruning's seeds).
+_MIN_SHARING = 0.25
 
 
 def validate_group(hidden_states: Sequence[torch.Tensor], correct: Sequence[bool]) -> list[torch.Tensor]:
@@ -101,6 +109,8 @@ class _Side:
     first: list[int]  # global index of each rollout's first span
     owner: torch.Tensor  # [S] position in ``members`` of each span's rollout
     local: torch.Tensor  # [S] span index within its rollout
+    start: torch.Tensor  # [S] first token of each span
+    length: torch.Tensor  # [S] tokens of each span
 
     @classmethod
     def build(cls, members: list[int], states: list[torch.Tensor], cfg: ShearConfig) -> _Side:
@@ -113,7 +123,9 @@ class _Side:
         owner = torch.repeat_interleave(torch.arange(len(states), device=device), torch.tensor(counts, device=device))
         local = torch.cat([torch.arange(c, device=device) for c in counts])
         sizes = [span_length(h.shape[0], cfg.span_len) for h in states]
-        return cls(members, states, starts, sizes, first, owner, local)
+        start = torch.tensor([st for ss in starts for st in ss], device=device)
+        length = torch.tensor(sizes, device=device)[owner]
+        return cls(members, states, starts, sizes, first, owner, local, start, length)
 
     @property
     def num_spans(self) -> int:
@@ -190,53 +202,78 @@ def _span_costs(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist
     return costs if key_order is None else costs[key_order.argsort()]  # back to the order of (rows, cols)
 
 
-class _WarmStarts:
-    """Dual potentials of solved span pairs, kept as starting points for later solves.
+def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, span_len: int,
+           dist: _TokenDistances) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span pairs (rows[p], cols[p]) of full spans on the g-grid, grouped by rollout pair, as tilings of
+    their rollout pairs' token-distance blocks: (blocks [NB, g, g], tiles [P, L, L] block ids), each
+    block copied once however many span pairs share it."""
+    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
+    keys, counts = pair_key.unique_consecutive(return_counts=True)
+    offsets = torch.arange(span_len // g, device=rows.device)  # [L]
+    blocks, tiles, num_blocks = [], [], 0
+    for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
+        i, j = divmod(key, len(b.states))
+        block = dist(i, j).contiguous()  # [T_i, T_j]
+        t_i, t_j = block.shape
+        grid = block.as_strided((t_i // g, t_j // g, g, g), (g * t_j, g, t_j, 1))  # [T_i/g, T_j/g, g, g] view
+        ids = ((a.start[r] // g)[:, None, None] + offsets[None, :, None]) * grid.shape[1] \
+            + (b.start[c] // g)[:, None, None] + offsets[None, None, :]  # [Pk, L, L] block of each tile
+        used, local = ids.unique(return_inverse=True)
+        blocks.append(grid[used // grid.shape[1], used % grid.shape[1]])  # [nb_k, g, g]
+        tiles.append(local + num_blocks)
+        num_blocks += used.shape[0]
+    return torch.cat(blocks), torch.cat(tiles)
 
-    Per (span, opposing rollout): the row potential u of the last solved pair of row span r against
-    rollout j, and the column potential v of the last solved pair of column span c against rollout
-    i. A pair solved later starts from them (the solver's ``init_u`` / ``init_v``); Sinkhorn reaches
-    the same fixed point from any start, in fewer iterations from a close one. [S_a, G_b, n] +
-    [S_b, G_a, m] floats.
-    """
 
-    def __init__(self, a: _Side, b: _Side):
-        self.a, self.b = a, b
-        dtype, device = a.states[0].dtype, a.states[0].device
-        self.row_u = torch.full((a.num_spans, len(b.states), max(a.sizes)), math.nan, dtype=dtype, device=device)
-        self.col_v = torch.full((b.num_spans, len(a.states), max(b.sizes)), math.nan, dtype=dtype, device=device)
-
-    def get(self, rows: torch.Tensor, cols: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.row_u[rows, self.b.owner[cols], :n], self.col_v[cols, self.a.owner[rows], :m]
-
-    def put(self, rows: torch.Tensor, cols: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
-        self.row_u[rows, self.b.owner[cols], :u.shape[1]] = u
-        self.col_v[cols, self.a.owner[rows], :v.shape[1]] = v
+def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
+                  cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
+                  values: torch.Tensor) -> torch.Tensor:
+    """Solve the pairs of full spans on the g-grid with the tiled solver, into ``values``; returns the
+    mask of pairs solved (the others: off the grid, too sparse to share blocks, or kernels outside
+    the tiled solver's range). [P] bool"""
+    done = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    g = math.gcd(cfg.span_len, cfg.stride)
+    if cfg.metric != "sinkhorn" or g < _MIN_TILE:
+        return done
+    L = cfg.span_len // g
+    on_grid = [(side.length[spans] == cfg.span_len) & (side.start[spans] % g == 0) for side, spans in ((a, rows), (b, cols))]
+    picked = (on_grid[0] & on_grid[1]).nonzero().squeeze(1)
+    picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
+    # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): five
+    # block-sized tensors (costs, exponent, kernel, its active copy, K * C), two [blocks, L^2, g]
+    # products and the [P, L, L, g] gather.
+    per_problem = int((5 * g * g + 2 * L * L * g) / _MIN_SHARING) + L * L * g
+    for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
+        blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
+        if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:
+            continue
+        v, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, epsilon, cfg.tol, cfg.max_iter)
+        values[chunk[solved]] = v[solved]
+        done[chunk[solved]] = True
+        stats.capped_solves += int(capped.sum())
+        stats.sinkhorn_solves += int(solved.sum())
+    return done
 
 
 def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
-                      cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                      warm: _WarmStarts | None = None) -> torch.Tensor:
-    """W_eps (or exact W1) of the span pairs (rows[p], cols[p]), batched across rollout pairs by span shape. [P]"""
+                      cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats) -> torch.Tensor:
+    """W_eps (or exact W1) of the span pairs (rows[p], cols[p]): the tiled solver where it applies, the
+    rest batched across rollout pairs by span shape. [P]"""
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
-    size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows]]  # [P] n of each pair
-    size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols]]  # [P] m of each pair
+    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values)
+    rest = rest.nonzero().squeeze(1)
+    size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows[rest]]]  # [R] n of each pair
+    size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols[rest]]]  # [R] m of each pair
     shape_key = size_a * (cfg.span_len + 1) + size_b
     for key in shape_key.unique().tolist():
         n, m = divmod(key, cfg.span_len + 1)
-        picked = (shape_key == key).nonzero().squeeze(1)  # [Pk]
+        picked = rest[shape_key == key]  # [Pk]
         # Grouped by rollout pair: each chunk's cost matrices are windows of few distance blocks.
         picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
         per_batch = max(1, batch_bytes // (_SOLVER_COPIES * n * m * values.element_size()))
         for chunk in picked.split(per_batch):
             costs = _span_costs(a, b, rows[chunk], cols[chunk], dist)  # [B, n, m]
-            if cfg.metric == "sinkhorn" and warm is not None:
-                init_u, init_v = warm.get(rows[chunk], cols[chunk], n, m)
-                v, capped, u_fin, v_fin = sinkhorn_transport_cost(costs, epsilon, cfg.tol, cfg.max_iter, init_u=init_u,
-                                                                  init_v=init_v, return_potentials=True)
-                warm.put(rows[chunk], cols[chunk], u_fin, v_fin)
-                stats.capped_solves += int(capped.sum())
-            elif cfg.metric == "sinkhorn":
+            if cfg.metric == "sinkhorn":
                 v, capped = sinkhorn_transport_cost(costs, epsilon, cfg.tol, cfg.max_iter)
                 stats.capped_solves += int(capped.sum())
             else:
@@ -263,22 +300,18 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
         x_to_y, y_to_x = metrics.mean_nearest_neighbour(dist(i, j), a.starts[i], a.sizes[i], b.starts[j], b.sizes[j],
                                                         cfg.stride)
         bound[rs, cs] = torch.maximum(bound[rs, cs], torch.maximum(x_to_y, y_to_x))
-    # Seed every row and column with its most promising pair, then solve the remaining candidates in
-    # rounds of increasing bound; the bests only fall, so a pair skipped once stays skippable.
+    # Seed every row and column with its most promising pair, then solve in one batch every pair
+    # whose bound is below the best of its row or column (one batch keeps the candidates dense enough
+    # for the tiled solver); the bests only fall, so a pair skipped once stays skippable.
     todo = torch.zeros(s_a, s_b, dtype=torch.bool, device=device)
     todo[torch.arange(s_a, device=device), bound.argmin(1)] = True
     todo[bound.argmin(0), torch.arange(s_b, device=device)] = True
     solved = torch.zeros_like(todo)
-    warm = _WarmStarts(a, b) if cfg.metric == "sinkhorn" else None
-    round_size = None  # the seeds all at once, then rounds of at most max(64, S_a + S_b) pairs
     while True:
         rows, cols = todo.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return values
-        order = bound[rows, cols].argsort()[:round_size]
-        rows, cols = rows[order], cols[order]
-        round_size = max(64, s_a + s_b)
-        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, warm)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats)
         solved[rows, cols] = True
         best_a, best_b = values.amin(1), values.amin(0)  # [S_a], [S_b]
         todo = ~solved & ((bound < best_a[:, None]) | (bound < best_b[None, :]))

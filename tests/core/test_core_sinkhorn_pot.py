@@ -5,7 +5,7 @@ import ot
 import pytest
 import torch
 
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
 
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
@@ -81,20 +81,6 @@ def test_blocking_and_refill_give_the_same_values(block):
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.2), rtol=1e-6)
 
 
-def test_warm_starts_reach_the_same_fixed_point():
-    costs = _costs(6, 12, 12, 4, seed=6)
-    _, _, u, v = sinkhorn_transport_cost(costs, 0.3, tol=1e-12, max_iter=100_000, return_potentials=True)
-    shifted = costs.roll(1, dims=0)  # each problem warm-started from another problem's potentials
-    init_u = u.clone()
-    init_u[::2] = float("nan")  # NaN rows = no row start given: those use init_v (or start cold)
-    values, capped = sinkhorn_transport_cost(shifted, 0.3, tol=1e-12, max_iter=100_000, init_u=init_u, init_v=v)
-    assert not capped.any()
-    np.testing.assert_allclose(values.numpy(), _pot(shifted, 0.3), rtol=1e-6)
-    # Started from its own converged potentials a problem is done at the first check.
-    again, _ = sinkhorn_transport_cost(costs, 0.3, tol=1e-10, max_iter=2, init_u=u)
-    np.testing.assert_allclose(again.numpy(), _pot(costs, 0.3), rtol=1e-6)
-
-
 def test_far_outlier_rows_do_not_underflow_float32():
     # A point 40 units away from everything at eps = 0.2: exp(-C/eps) underflows float32 by far,
     # so the first iteration must take the log domain for that problem.
@@ -103,3 +89,47 @@ def test_far_outlier_rows_do_not_underflow_float32():
     values, capped = sinkhorn_transport_cost(costs.float(), 0.2, tol=1e-6, max_iter=100_000)
     assert torch.isfinite(values).all() and not capped.any()
     np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
+
+
+def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
+    """SHEAR's case: all span pairs (span = L blocks of g tokens, stride g) of two point clouds, as
+    tilings of the g x g blocks of their distance matrix; and the same cost matrices written out."""
+    gen = torch.Generator().manual_seed(seed)
+    dist = torch.cdist(torch.randn(t_x, d, generator=gen, dtype=dtype), torch.randn(t_y, d, generator=gen, dtype=dtype) + 0.3)
+    nq = t_y // g
+    blocks = dist.view(t_x // g, g, nq, g).permute(0, 2, 1, 3).reshape(-1, g, g)  # [NB, g, g]
+    p, q = torch.meshgrid(torch.arange(t_x // g - L + 1), torch.arange(nq - L + 1), indexing="ij")
+    p, q, r = p.reshape(-1), q.reshape(-1), torch.arange(L)
+    tiles = (p[:, None, None] + r[None, :, None]) * nq + q[:, None, None] + r[None, None, :]  # [P, L, L]
+    costs = torch.stack([dist[i * g:(i + L) * g, j * g:(j + L) * g] for i, j in zip(p.tolist(), q.tolist())])
+    return blocks, tiles, costs
+
+
+@pytest.mark.parametrize("omega", [1.0, 1.6])
+def test_tiled_equals_pot_on_shared_blocks(omega):
+    blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
+    values, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
+                                                           omega=omega)
+    assert solved.all() and not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
+
+
+def test_tiled_float32_leaves_out_of_range_kernels_to_the_stabilised_solver():
+    blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
+    blocks[0, 1, 2] += 30.0  # (C - min C) / eps = 150 > 39: exp leaves float32 for the problems using block 0
+    uses_block_0 = (tiles == 0).flatten(1).any(1)
+    values, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
+    assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any()
+    np.testing.assert_allclose(values[solved].double().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
+
+
+def test_tiled_reports_capped_problems():
+    blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=10)
+    _, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3)
+    assert capped.all() and solved.all()
+
+
+def test_tiled_rejects_two_problems_on_one_block_position():
+    blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=11)
+    with pytest.raises(ValueError, match="same block at the same tile position"):
+        tiled_sinkhorn_transport_cost(blocks, torch.cat([tiles[:1], tiles[:1]]), 0.3, 1e-6, 100)

@@ -1,12 +1,14 @@
 """group_token_weights against the per-span-pair POT reference of conftest.py (all metrics and options)."""
 
 import itertools
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights
+from shear_verl.core import weights as engine
 
 
 def _group(lengths, d, seed):
@@ -76,3 +78,39 @@ def test_float32_default_close_to_reference(reference):
                                    epsilon=0.2, epsilon_mode="relative", normalization="group", pooling="max")
     for w, r in zip(got, want):
         np.testing.assert_allclose(w.numpy(), r, rtol=1e-4)
+
+
+# span_len=32, stride=16: blocks of g = gcd = 16 tokens, so the full spans on the 16-grid go to the
+# tiled solver (shared blocks); 70 and 41 end off the grid (their final spans go to the per-problem
+# solver) and 20 < span_len (one short span).
+TILED_LENGTHS = (70, 64, 41, 96, 20, 48)
+TILED_CORRECT = (True, False, True, False, False, True)
+
+
+@pytest.mark.parametrize(("prune", "dtype", "epsilon", "rtol"),
+                         [(False, "float64", 0.3, 2e-6), (True, "float64", 0.3, 2e-6),
+                          # float32 at eps 0.08: some kernels leave the tiled solver's range and fall back
+                          (True, "float32", 0.08, 1e-4)])
+def test_tiled_solver_matches_reference(reference, prune, dtype, epsilon, rtol):
+    states = _group(TILED_LENGTHS, 3, seed=5)
+    tiled_solves, left, solve = [], [], engine.tiled_sinkhorn_transport_cost
+
+    def spy(*args, **kwargs):
+        out = solve(*args, **kwargs)
+        tiled_solves.append(int(out[2].sum()))
+        left.append(int((~out[2]).sum()))
+        return out
+
+    cfg = ShearConfig(span_len=32, stride=16, epsilon=epsilon, tol=1e-11 if dtype == "float64" else 1e-6,
+                      max_iter=100_000, compute_dtype=dtype, prune=prune)
+    stats = ShearStats()
+    with mock.patch.object(engine, "tiled_sinkhorn_transport_cost", spy):
+        got = group_token_weights(states, TILED_CORRECT, cfg, stats=stats)
+    want = reference.token_weights([h.numpy() for h in states], list(TILED_CORRECT), span_len=32, stride=16,
+                                   metric="sinkhorn", epsilon=epsilon, epsilon_mode="relative", normalization="group",
+                                   pooling="max")
+    for w, r in zip(got, want):
+        np.testing.assert_allclose(w.numpy(), r, rtol=rtol)
+    assert 0 < sum(tiled_solves) < stats.sinkhorn_solves  # both solvers took part
+    assert (sum(left) > 0) == (dtype == "float32")
+    assert stats.capped_solves == 0
