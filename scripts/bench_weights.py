@@ -16,6 +16,11 @@ Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, flo
   solves       transport problems solved (the POT loop solves every pair)
   rel.diff     engine vs no-prune: max relative difference of the token weights;
                engine solver vs POT: max relative difference of the sampled span distances.
+  W1 floor     the least share of pairs ANY exact pruning with a bound <= W1 must solve (the
+               mean-distance and nearest-neighbour bounds are such bounds), estimated on random
+               span pairs (+- one binomial std): a pair whose exact W1 (ot.emd2) is below the final
+               minimum W_eps of its row span or of its column span can change that minimum as far
+               as such a bound knows, so it cannot be skipped.
 
 Synthetic hidden states with the structure that matters here (documented, not real model
 states): each rollout is a sequence of tokens from a vocabulary of random prototype vectors; the
@@ -50,7 +55,7 @@ import torch
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights
 from shear_verl.core.sinkhorn import sinkhorn_transport_cost
 from shear_verl.core.spans import span_starts
-from shear_verl.core.weights import group_mean_norm
+from shear_verl.core.weights import _Side, group_mean_norm, opposing_span_minima
 
 
 def phased_group(lengths: list[int], correct: list[bool], d: int, seed: int, vocab: int = 4096,
@@ -102,6 +107,25 @@ def pot_loop_sample(states: list[torch.Tensor], correct: list[bool], cfg: ShearC
     return per_pair, float(((ours - pot).abs() / pot).max())
 
 
+def w1_floor(states: list[torch.Tensor], correct: list[bool], cfg: ShearConfig, samples: int,
+             seed: int) -> tuple[float, float]:
+    """Estimated share of span pairs no exact bound <= W1 can prune (see the module docstring), and its std."""
+    xs = [h / group_mean_norm(states) for h in states]
+    good, bad = (_Side.build([i for i, c in enumerate(correct) if c == side], [h for h, c in zip(xs, correct) if c == side],
+                             cfg) for side in (True, False))
+    best_good, best_bad = opposing_span_minima(good, bad, cfg, cfg.epsilon, ShearStats())  # [S_good], [S_bad]
+    rng = random.Random(seed)
+    span = lambda side, k: side.states[int(side.owner[k])].narrow(0, int(side.start[k]), int(side.length[k]))  # noqa: E731
+    must = 0
+    for _ in range(samples):
+        k, l = rng.randrange(good.num_spans), rng.randrange(bad.num_spans)
+        x, y = span(good, k).double().numpy(), span(bad, l).double().numpy()
+        w1 = ot.emd2(ot.unif(len(x)), ot.unif(len(y)), ot.dist(x, y, metric="euclidean"))
+        must += w1 < float(best_good[k]) or w1 < float(best_bad[l])
+    share = must / samples
+    return share, (share * (1 - share) / samples) ** 0.5
+
+
 def run_engine(states, correct, cfg) -> tuple[list[torch.Tensor], float, ShearStats]:
     stats = ShearStats()
     start = time.perf_counter()
@@ -118,6 +142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small case (< 60 s on 2 cores)")
     parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian states instead of phased ones")
     parser.add_argument("--samples", type=int, default=None, help="span pairs timed in the POT loop")
+    parser.add_argument("--floor-samples", type=int, default=400, help="span pairs sampled for the W1 floor")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -131,7 +156,8 @@ def main() -> None:
           f"{'i.i.d.' if args.iid else 'phased'} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
           f"({cfg.epsilon_mode}) tol={cfg.tol} max_iter={cfg.max_iter}; POT loop: {samples} random span pairs timed, extrapolated to all pairs")
     header = (f"{'case':<22}{'pairs':>7} | {'engine s':>9}{'solves':>7}{'%':>8}{'capped':>7} | "
-              f"{'no-prune s':>10}{'x':>6}{'rel.diff':>9} | {'POT loop s':>10}{'x':>7}{'rel.diff':>9}")
+              f"{'no-prune s':>10}{'x':>6}{'rel.diff':>9} | {'POT loop s':>10}{'x':>7}{'rel.diff':>9} | "
+              f"{'W1 floor':>12}")
     print(header)
     print("-" * len(header))
     rng = random.Random(args.seed)
@@ -145,11 +171,13 @@ def main() -> None:
         brute, t_brute, st_brute = run_engine(states, correct, dataclasses.replace(cfg, prune=False))
         per_pair, pot_diff = pot_loop_sample(states, correct, cfg, samples, seed)
         t_pot = per_pair * st.candidate_pairs
+        floor, floor_std = w1_floor(states, correct, cfg, args.floor_samples, seed)
         name = f"G=8 {split} d={d} T={min(lengths)}-{max(lengths)}"
         print(f"{name:<22}{st.candidate_pairs:>7} | {t_engine:>9.2f}{st.sinkhorn_solves:>7}"
               f"{100 * st.sinkhorn_solves / st.candidate_pairs:>6.1f}%{st.capped_solves:>7} | "
               f"{t_brute:>10.2f}{t_brute / t_engine:>6.1f}{max_rel_diff(weights, brute):>9.1e} | "
-              f"{t_pot:>10.1f}{t_pot / t_engine:>7.0f}{pot_diff:>9.1e}", flush=True)
+              f"{t_pot:>10.1f}{t_pot / t_engine:>7.0f}{pot_diff:>9.1e} | "
+              f"{100 * floor:>5.1f}+-{100 * floor_std:.1f}%", flush=True)
         assert st_brute.sinkhorn_solves == st.candidate_pairs
 
 

@@ -1,16 +1,15 @@
 """Fixtures for the verl-integration tests: a tiny random Qwen2 and a 1-process gloo group."""
 
 import os
-import socket
 
 import pytest
 import torch
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from verl.utils.net_utils import get_free_port  # verl's own helper; imported late, as verl is heavy
+
+    return get_free_port("127.0.0.1")[0]
 
 
 @pytest.fixture()

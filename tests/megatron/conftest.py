@@ -9,7 +9,6 @@ pytest process.
 import contextlib
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,15 +75,11 @@ def install_cpu_redirects() -> None:
     WrappedTorchNorm.__new__ = new
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, scenario: str, world_size: int) -> list[dict]:
     """Per-rank results of `megatron_capture_worker.py scenario` on world_size gloo processes."""
-    port = str(_free_port())
+    from verl.utils.net_utils import get_free_port  # verl's own helper
+
+    port = str(get_free_port("127.0.0.1")[0])
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
