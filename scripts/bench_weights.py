@@ -29,9 +29,9 @@ sub-vocabulary, shared by all rollouts of the prompt), and a hidden state is its
 prototype plus context noise of comparable size. Incorrect rollouts leave the shared phases half
 way through. `--iid` uses i.i.d. Gaussian states instead: no structure, so no bound can prune.
 
-The engine's solves are mostly the tiled solver's (full spans on the 25-token grid share their
-kernel blocks); the final span of a rollout off that grid, and pruning's first "seed" pairs, go to
-the per-problem solver.
+The engine's solves are the tiled solver's (span pairs share the kernels of 25 x 25 token blocks),
+except pruning's first "seed" pairs, too scattered to share blocks, which go to the per-problem
+solver.
 
 Caveat on pruning: the context noise is isotropic and as large as the prototypes, so in d >= 256
 all span-to-span distances concentrate (W_eps of a span against its candidates differ by a few

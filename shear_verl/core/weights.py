@@ -12,10 +12,10 @@ Speed by design, not by approximation:
 - Every metric is symmetric, so one [S_correct, S_incorrect] matrix of span distances gives the
   minima of both sides (row minima for correct rollouts, column minima for incorrect ones).
 - The token-to-token distance matrix of each (correct, incorrect) rollout pair is computed once;
-  span cost matrices are windows of it. With gcd(w, s) = g, the windows of full spans on the
-  g-grid are tilings of its g x g blocks, and the tiled Sinkhorn solver builds each block's kernel
-  once for all the span pairs that share it (up to (w/g)^2 = 16 at w=100, s=25); the other windows
-  (a final span off the grid, rollouts shorter than w) are copied out for the per-problem solver.
+  span cost matrices are windows of it. With g = gcd(w, s), the window of two full spans is a tiling
+  of g x g blocks, and spans on the same g-grid share blocks; the tiled Sinkhorn solver builds each
+  block's kernel once for all the span pairs that use it (up to (w/g)^2 = 16 at w=100, s=25). The
+  windows of rollouts shorter than w are copied out for the per-problem solver.
 - Exact pruning for "sinkhorn" and "w1". For uniform measures and Euclidean cost, any 1-Lipschitz f
   gives W1(P, Q) >= E_P f - E_Q f (Kantorovich-Rubinstein), and <P_eps, C> >= W1 because the entropic
   plan is a coupling. f(x) = <u, x> with the best unit u gives ||mean_P - mean_Q||_2 (the spec's
@@ -204,22 +204,23 @@ def _span_costs(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist
 
 def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, span_len: int,
            dist: _TokenDistances) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span pairs (rows[p], cols[p]) of full spans on the g-grid, grouped by rollout pair, as tilings of
-    their rollout pairs' token-distance blocks: (blocks [NB, g, g], tiles [P, L, L] block ids), each
-    block copied once however many span pairs share it."""
+    """Span pairs (rows[p], cols[p]) of full spans, grouped by rollout pair, as tilings of g x g blocks
+    of their rollout pairs' token-distance matrices: (blocks [NB, g, g], tiles [P, L, L] block ids).
+    A block is named by its first token pair, so span pairs on the same grid (a final span has its
+    own) share it, and it is copied once however many span pairs use it."""
     pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
     keys, counts = pair_key.unique_consecutive(return_counts=True)
-    offsets = torch.arange(span_len // g, device=rows.device)  # [L]
+    offsets = torch.arange(0, span_len, g, device=rows.device)  # [L] first token of each block in a span
     blocks, tiles, num_blocks = [], [], 0
     for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
         i, j = divmod(key, len(b.states))
         block = dist(i, j).contiguous()  # [T_i, T_j]
         t_i, t_j = block.shape
-        grid = block.as_strided((t_i // g, t_j // g, g, g), (g * t_j, g, t_j, 1))  # [T_i/g, T_j/g, g, g] view
-        ids = ((a.start[r] // g)[:, None, None] + offsets[None, :, None]) * grid.shape[1] \
-            + (b.start[c] // g)[:, None, None] + offsets[None, None, :]  # [Pk, L, L] block of each tile
+        windows = block.as_strided((t_i - g + 1, t_j - g + 1, g, g), (t_j, 1, t_j, 1))  # g x g window at each token pair
+        ids = (a.start[r][:, None, None] + offsets[None, :, None]) * t_j \
+            + b.start[c][:, None, None] + offsets[None, None, :]  # [Pk, L, L] first token pair of each tile
         used, local = ids.unique(return_inverse=True)
-        blocks.append(grid[used // grid.shape[1], used % grid.shape[1]])  # [nb_k, g, g]
+        blocks.append(windows[used // t_j, used % t_j])  # [nb_k, g, g]
         tiles.append(local + num_blocks)
         num_blocks += used.shape[0]
     return torch.cat(blocks), torch.cat(tiles)
@@ -228,16 +229,15 @@ def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, s
 def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                   cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
                   values: torch.Tensor) -> torch.Tensor:
-    """Solve the pairs of full spans on the g-grid with the tiled solver, into ``values``; returns the
-    mask of pairs solved (the others: off the grid, too sparse to share blocks, or kernels outside
-    the tiled solver's range). [P] bool"""
+    """Solve the pairs of full spans with the tiled solver, into ``values``; returns the mask of pairs
+    solved (the others: spans shorter than w, too sparse to share blocks, or kernels outside the
+    tiled solver's range). [P] bool"""
     done = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     g = math.gcd(cfg.span_len, cfg.stride)
     if cfg.metric != "sinkhorn" or g < _MIN_TILE:
         return done
     L = cfg.span_len // g
-    on_grid = [(side.length[spans] == cfg.span_len) & (side.start[spans] % g == 0) for side, spans in ((a, rows), (b, cols))]
-    picked = (on_grid[0] & on_grid[1]).nonzero().squeeze(1)
+    picked = ((a.length[rows] == cfg.span_len) & (b.length[cols] == cfg.span_len)).nonzero().squeeze(1)
     picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
     # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): five
     # block-sized tensors (costs, exponent, kernel, its active copy, K * C), two [blocks, L^2, g]

@@ -80,9 +80,9 @@ def test_float32_default_close_to_reference(reference):
         np.testing.assert_allclose(w.numpy(), r, rtol=1e-4)
 
 
-# span_len=32, stride=16: blocks of g = gcd = 16 tokens, so the full spans on the 16-grid go to the
-# tiled solver (shared blocks); 70 and 41 end off the grid (their final spans go to the per-problem
-# solver) and 20 < span_len (one short span).
+# span_len=32, stride=16: blocks of g = gcd = 16 tokens, so the pairs of full spans go to the tiled
+# solver (shared blocks; the final spans of 70 and 41 are off the 16-grid, on blocks of their own);
+# 20 < span_len is one short span, whose pairs go to the per-problem solver.
 TILED_LENGTHS = (70, 64, 41, 96, 20, 48)
 TILED_CORRECT = (True, False, True, False, False, True)
 
