@@ -19,44 +19,14 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import sys
-from typing import Any, Callable
 
 import wrapt
 
+from shear_verl._patching import UnsupportedVersionError  # noqa: F401 - callers catch it from here
+from shear_verl._patching import check_version, is_patched, mark, require
+
 SUPPORTED_VERL = ("0.9.1",)
 SUPPORTED_VLLM = ("0.31.0",)
-
-
-class UnsupportedVersionError(RuntimeError):
-    """The installed verl / vLLM is not one these patches were written against."""
-
-
-def _check_version(dist: str, installed: str | None, supported: tuple[str, ...]) -> None:
-    base = (installed or "").split("+")[0]
-    if base not in supported:
-        raise UnsupportedVersionError(
-            f"shear_verl CPU mode supports {dist} {' / '.join(supported)}, but {dist} {installed} is installed. "
-            f"Install a supported version (scripts/setup_cpu.sh) or unset VERL_PLATFORM=cpu."
-        )
-
-
-def _require(module: Any, name: str, dist: str, supported: tuple[str, ...]) -> Any:
-    """Return ``module.name``; raise a clear error if this verl/vLLM no longer has it."""
-    if not hasattr(module, name):
-        raise UnsupportedVersionError(
-            f"shear_verl CPU mode patches {module.__name__}.{name}, which this {dist} does not have; "
-            f"supported {dist} versions: {' / '.join(supported)}."
-        )
-    return getattr(module, name)
-
-
-def _mark(fn: Callable) -> Callable:
-    fn.__shear_cpu_patch__ = True
-    return fn
-
-
-def _is_patched(obj: Any) -> bool:
-    return getattr(obj, "__shear_cpu_patch__", False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,12 +36,12 @@ _PG_CONSUMERS = ("verl.workers.engine_workers",)  # modules that bind the name a
 
 
 def _patch_process_group(distributed) -> None:
-    original = _require(distributed, "initialize_global_process_group_ray", "verl", SUPPORTED_VERL)
-    if _is_patched(original):
+    original = require(distributed, "initialize_global_process_group_ray", "verl", SUPPORTED_VERL)
+    if is_patched(original):
         return
     from verl.utils.device import get_device_name
 
-    @_mark
+    @mark
     @functools.wraps(original)
     def initialize_global_process_group_ray(timeout_second=None, backend=None):
         if backend is None and get_device_name() == "cpu":
@@ -88,14 +58,12 @@ def _patch_process_group(distributed) -> None:
 
 
 def _patch_fsdp_engines(fsdp_package) -> None:
-    # Hooked on the package, which imports transformer_impl, rather than on transformer_impl:
-    # shear_verl.integration.patches hooks that module with its own import finder, which shadows
-    # other post-import hooks of the same module.
+    # Hooked on the package, which imports transformer_impl: both are complete when this runs.
     transformer_impl = sys.modules["verl.workers.engine.fsdp.transformer_impl"]
-    registry = _require(transformer_impl, "EngineRegistry", "verl", SUPPORTED_VERL)
-    lm_head_engine = _require(fsdp_package, "FSDPEngineWithLMHead", "verl", SUPPORTED_VERL)
-    offload_policy = _require(transformer_impl, "CPUOffloadPolicy", "verl", SUPPORTED_VERL)
-    if _is_patched(offload_policy):
+    registry = require(transformer_impl, "EngineRegistry", "verl", SUPPORTED_VERL)
+    lm_head_engine = require(fsdp_package, "FSDPEngineWithLMHead", "verl", SUPPORTED_VERL)
+    offload_policy = require(transformer_impl, "CPUOffloadPolicy", "verl", SUPPORTED_VERL)
+    if is_patched(offload_policy):
         return
     # FSDP1 wants device-resident params; FSDP2 (fully_shard) runs on gloo/CPU.
     registry.register(model_type="language_model", backend="fsdp2", device="cpu")(lm_head_engine)
@@ -106,12 +74,15 @@ def _patch_fsdp_engines(fsdp_package) -> None:
         def __init__(self, pin_memory: bool = False):
             super().__init__(pin_memory=False)
 
-    _mark(UnpinnedCPUOffloadPolicy)
+    mark(UnpinnedCPUOffloadPolicy)
     transformer_impl.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
 
 
+_REMEDY = "Install a supported version (scripts/setup_cpu.sh) or unset VERL_PLATFORM=cpu."
+
+
 def check_verl_version() -> None:
-    _check_version("verl", importlib.metadata.version("verl"), SUPPORTED_VERL)
+    check_version("verl", importlib.metadata.version("verl"), SUPPORTED_VERL, "shear-verl's CPU mode", _REMEDY)
 
 
 def apply_verl_patches() -> None:
@@ -125,12 +96,12 @@ def apply_verl_patches() -> None:
 # vLLM (runs inside vLLM's own processes, through the vllm.general_plugins entry point)
 # --------------------------------------------------------------------------------------------
 def _patch_cpu_gemm(layer_utils) -> None:
-    original = _require(layer_utils, "dispatch_cpu_unquantized_gemm", "vllm", SUPPORTED_VLLM)
-    if _is_patched(original):
+    original = require(layer_utils, "dispatch_cpu_unquantized_gemm", "vllm", SUPPORTED_VLLM)
+    if is_patched(original):
         return
     import torch.nn.functional as F
 
-    @_mark
+    @mark
     @functools.wraps(original)
     def dispatch_cpu_unquantized_gemm(layer, remove_weight: bool) -> None:
         # verl reloads rollout weights in place (layer.weight.weight_loader) after every update;
@@ -147,5 +118,5 @@ def apply_vllm_patches() -> None:
     """Install the vLLM patches (idempotent). Only call in CPU mode."""
     import vllm
 
-    _check_version("vllm", vllm.__version__, SUPPORTED_VLLM)
+    check_version("vllm", vllm.__version__, SUPPORTED_VLLM, "shear-verl's CPU mode", _REMEDY)
     wrapt.when_imported("vllm.model_executor.layers.utils")(_patch_cpu_gemm)

@@ -9,58 +9,33 @@ and the patched symbol first, and refuses with a message naming the supported ve
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 
 import wrapt
 
+from shear_verl._patching import UnsupportedVersionError, check_version, is_patched, mark, require
+
 logger = logging.getLogger("shear_verl")
 
 SUPPORTED_VERL = ("0.9.",)  # verl 0.9.x; developed and tested against 0.9.1
-_PATCHED_ATTR = "__shear_verl_patched__"
-
-
-class UnsupportedVerlError(RuntimeError):
-    pass
+UnsupportedVerlError = UnsupportedVersionError  # one error for every patch; integration code knows it by this name
 
 
 def check_verl_version() -> str:
     import verl
 
-    version = getattr(verl, "__version__", "unknown")
-    if not version.startswith(SUPPORTED_VERL):
-        raise UnsupportedVerlError(
-            f"shear-verl supports verl 0.9.x (tested with 0.9.1), found verl {version}. "
-            "Install verl==0.9.1 or a shear-verl release that supports your verl."
-        )
-    return version
-
-
-def _require(cls: type, name: str, params: tuple[str, ...]) -> Callable:
-    """The method `cls.name`, after checking it exists with the parameters we wrap."""
-    fn = cls.__dict__.get(name)
-    if fn is None:
-        raise UnsupportedVerlError(
-            f"shear-verl cannot patch {cls.__module__}.{cls.__qualname__}.{name}: not found. "
-            "shear-verl supports verl 0.9.x (tested with 0.9.1)."
-        )
-    got = tuple(inspect.signature(fn).parameters)[: len(params)]
-    if got != params:
-        raise UnsupportedVerlError(
-            f"shear-verl cannot patch {cls.__qualname__}.{name}: expected parameters {params}, found "
-            f"{got}. shear-verl supports verl 0.9.x (tested with 0.9.1)."
-        )
-    return fn
+    return check_version(
+        "verl", getattr(verl, "__version__", "unknown"), SUPPORTED_VERL, "shear-verl",
+        "Install verl==0.9.1 (tested) or a shear-verl release that supports your verl.",
+    )
 
 
 def _wrap(cls: type, name: str, params: tuple[str, ...], make: Callable[[Callable], Callable]) -> None:
-    orig = _require(cls, name, params)
-    if getattr(orig, _PATCHED_ATTR, False):
+    orig = require(cls, name, "verl", SUPPORTED_VERL, params)
+    if is_patched(orig):
         return
-    wrapper = functools.wraps(orig)(make(orig))
-    setattr(wrapper, _PATCHED_ATTR, True)
-    setattr(cls, name, wrapper)
+    setattr(cls, name, mark(functools.wraps(orig)(make(orig))))
 
 
 def _delegate(hook: Callable) -> Callable[[Callable], Callable]:
@@ -90,7 +65,7 @@ def patch_trainer(module) -> None:
             self._shear_settings = settings
             if settings is not None:
                 for name in ("_balance_batch", "_compute_old_log_prob", "_compute_advantage"):
-                    if not getattr(getattr(type(self), name), _PATCHED_ATTR, False):
+                    if not is_patched(getattr(type(self), name)):
                         raise ValueError(
                             f"algorithm.adv_estimator=shear does not support trainer.v1.trainer_mode="
                             f"{config.trainer.v1.trainer_mode!r} ({type(self).__name__} overrides {name}); "

@@ -34,7 +34,8 @@ if os.environ.get("PROBE_PATCHES"):
     from verl.workers import engine_workers  # as verl's workers import the engines
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp import transformer_impl
-    out["pg_patched"] = getattr(distributed.initialize_global_process_group_ray, "__shear_cpu_patch__", False)
+    from shear_verl._patching import is_patched
+    out["pg_patched"] = is_patched(distributed.initialize_global_process_group_ray)
     out["pg_rebound"] = engine_workers.initialize_global_process_group_ray is distributed.initialize_global_process_group_ray
     out["fsdp2_cpu_engine"] = EngineRegistry.get_engine_cls("language_model", "fsdp2") is transformer_impl.FSDPEngineWithLMHead
     out["offload_pin_memory"] = transformer_impl.CPUOffloadPolicy().pin_memory
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from vllm.plugins import load_general_plugins
 load_general_plugins()  # what vLLM runs in each of its processes
 from vllm.model_executor.layers import utils
+from shear_verl._patching import is_patched
 layer = torch.nn.Linear(8, 4)
 weight = layer.weight
 utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)  # vLLM's post-load hook for Linear
@@ -56,7 +58,7 @@ with torch.no_grad():
 x = torch.randn(3, 8)
 y = layer.cpu_linear(x, layer.weight, layer.bias)
 print("PROBE" + json.dumps({
-    "patched": getattr(utils.dispatch_cpu_unquantized_gemm, "__shear_cpu_patch__", False),
+    "patched": is_patched(utils.dispatch_cpu_unquantized_gemm),
     "weight_kept": layer.weight is weight and layer.weight.shape == (4, 8),
     "uses_synced_weight": torch.allclose(y, F.linear(x, weight, layer.bias)),
 }))

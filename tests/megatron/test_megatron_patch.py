@@ -10,7 +10,8 @@ from tensordict import TensorDict
 
 from shear_verl.integration import megatron_capture
 from shear_verl.integration.driver import FLAG_KEY
-from shear_verl.integration.patches import _PATCHED_ATTR, UnsupportedVerlError
+from shear_verl._patching import is_patched
+from shear_verl.integration.patches import UnsupportedVerlError
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,14 @@ def impl():
 def test_patch_wraps_verls_methods(impl):
     cls = impl.MegatronEngineWithLMHead
     forward_step, infer_batch = cls.__dict__["forward_step"], cls.__dict__["infer_batch"]
-    assert getattr(forward_step, _PATCHED_ATTR) and getattr(infer_batch, _PATCHED_ATTR)
+    assert is_patched(forward_step) and is_patched(infer_batch)
     assert list(inspect.signature(forward_step.__wrapped__).parameters) == [
         "self", "batch_iter", "model", "logits_processor_func", "postprocess_micro_batch_func"]
     assert infer_batch.__wrapped__ is impl.BaseEngine.infer_batch
     megatron_capture.patch_megatron_engine(impl)  # idempotent: no second layer
     assert cls.__dict__["forward_step"] is forward_step and cls.__dict__["infer_batch"] is infer_batch
     # the value-head engine keeps its own forward_step
-    assert not getattr(impl.MegatronEngineWithValueHead.__dict__["forward_step"], _PATCHED_ATTR, False)
+    assert not is_patched(impl.MegatronEngineWithValueHead.__dict__["forward_step"])
 
 
 def _fake_module(forward_step):
