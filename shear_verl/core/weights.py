@@ -38,18 +38,17 @@ import torch
 
 from shear_verl.core import metrics
 from shear_verl.core.config import ShearConfig, ShearStats
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import DEFAULT_BLOCK, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
 from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
 
 # Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
 # bandwidth and the cosine distance are scale-free already, so they are left as they are.
 _METRICS_WITH_UNITS = ("sinkhorn", "w1", "chamfer")
 _PRUNABLE_METRICS = ("sinkhorn", "w1")
-# Peak working tensors per transport problem, in units of n*m elements: the gathered cost, -C/eps,
-# the kernel, and the temporaries of the first log-domain step and of the final <P, C>.
-_SOLVER_COPIES = 8
-# cdist's own temporaries besides its [T_x, T_y] output (norms, the x @ y^T product).
-_CDIST_COPIES = 3
+# The per-problem path holds the gathered costs [B, n, m]; the Sinkhorn solver adds, for the
+# DEFAULT_BLOCK problems it iterates at once, -C/eps, the kernel, a product buffer and the
+# temporaries of its first step and of the final <P, C>: 5 more n*m per problem of the block.
+_SOLVER_BLOCK_COPIES = 5
 # Smallest block edge g = gcd(span_len, stride) for which the tiled solver is used: smaller blocks
 # make its block products too small to pay for their gathers (w=100, s=25 gives g=25).
 _MIN_TILE = 16
@@ -270,7 +269,7 @@ def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor
         picked = rest[shape_key == key]  # [Pk]
         # Grouped by rollout pair: each chunk's cost matrices are windows of few distance blocks.
         picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
-        per_batch = max(1, batch_bytes // (_SOLVER_COPIES * n * m * values.element_size()))
+        per_batch = max(1, batch_bytes // (n * m * values.element_size()) - _SOLVER_BLOCK_COPIES * DEFAULT_BLOCK)
         for chunk in picked.split(per_batch):
             costs = _span_costs(a, b, rows[chunk], cols[chunk], dist)  # [B, n, m]
             if cfg.metric == "sinkhorn":
