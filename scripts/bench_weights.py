@@ -2,6 +2,7 @@
 
     python scripts/bench_weights.py            # G=8 (4/4 and 2/6), T in [300, 1500], d in {256, 1024}
     python scripts/bench_weights.py --quick    # one small case, < 60 s on 2 cores
+    python scripts/bench_weights.py --paper-scale  # one group of 8 x 3000 tokens x d=3584 in 1 GB
 
 Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, float32):
   engine       group_token_weights with exact pruning (the default)
@@ -46,7 +47,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import random
+import resource
 import time
 
 import ot
@@ -133,6 +136,28 @@ def run_engine(states, correct, cfg) -> tuple[list[torch.Tensor], float, ShearSt
     return weights, time.perf_counter() - start, stats
 
 
+def paper_scale(seed: int, budget_mb: float) -> None:
+    """The issue's memory case: G=8 (4/4) x 3000 tokens x d=3584, memory_budget_mb=budget_mb. Prints
+    the time, the solves and the process's peak RSS above what it held before the call, after a
+    small warm-up group (an upper bound on the engine's working memory: the peak may also come from
+    building the inputs)."""
+    import psutil
+
+    correct = [True] * 4 + [False] * 4
+    states = phased_group([3000] * 8, correct, 3584, seed)
+    cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05, memory_budget_mb=budget_mb)
+    group_token_weights([h[:300] for h in states[3:5]], correct[3:5], cfg)  # torch's one-time thread pools etc.
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    _, seconds, st = run_engine(states, correct, cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    inputs = sum(h.numel() * h.element_size() for h in states)
+    print(f"G=8 4/4 T=3000 d=3584: {seconds:.1f} s, {st.sinkhorn_solves} solves of {st.candidate_pairs} pairs "
+          f"({100 * st.sinkhorn_solves / st.candidate_pairs:.1f}%), {st.capped_solves} capped; inputs "
+          f"{inputs / 2**20:.0f} MiB; peak RSS above the pre-call RSS: {(peak - before) / 2**20:.0f} MiB "
+          f"(memory_budget_mb={budget_mb:g})")
+
+
 def max_rel_diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
     return max(float(((x - y).abs() / y.abs()).max()) for x, y in zip(xs, ys) if x.numel())
 
@@ -143,8 +168,12 @@ def main() -> None:
     parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian states instead of phased ones")
     parser.add_argument("--samples", type=int, default=None, help="span pairs timed in the POT loop")
     parser.add_argument("--floor-samples", type=int, default=400, help="span pairs sampled for the W1 floor")
+    parser.add_argument("--paper-scale", action="store_true", help="only the 8 x 3000 x 3584 memory case")
+    parser.add_argument("--budget-mb", type=float, default=1024.0, help="memory_budget_mb for --paper-scale")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.paper_scale:
+        return paper_scale(args.seed, args.budget_mb)
 
     cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
     if args.quick:

@@ -40,7 +40,8 @@ class ShearConfig:
     the columns, its rows being exact; over-relaxed rows are not); max_iter caps the iterations, and
     capped problems are counted in ShearStats.
     memory_budget_mb bounds the engine's working memory (distance blocks + solver batches), not
-    the caller's input tensors.
+    the caller's input tensors, nor their copy in compute_dtype when they come in another dtype
+    (e.g. bf16 states on a GPU).
     """
 
     span_len: int = 100

@@ -49,6 +49,8 @@ _PRUNABLE_METRICS = ("sinkhorn", "w1")
 # DEFAULT_BLOCK problems it iterates at once, -C/eps, the kernel, a product buffer and the
 # temporaries of its first step and of the final <P, C>: 5 more n*m per problem of the block.
 _SOLVER_BLOCK_COPIES = 5
+# cdist's temporaries besides its [T_x, T_y] output (the x @ y^T product; the norms are small).
+_CDIST_COPIES = 1
 # Smallest block edge g = gcd(span_len, stride) for which the tiled solver is used: smaller blocks
 # make its block products too small to pay for their gathers (w=100, s=25 gives g=25).
 _MIN_TILE = 16
@@ -144,7 +146,8 @@ class _TokenDistances:
     """Token-to-token Euclidean distances of each (correct, incorrect) rollout pair, computed once.
 
     Blocks are kept while they fit in ``limit_bytes`` (least recently used evicted first), so a
-    group whose blocks do not all fit still runs, recomputing some of them.
+    group whose blocks do not all fit still runs, recomputing some of them. Room for a new block and
+    cdist's temporaries is made before it is computed.
     """
 
     def __init__(self, a: _Side, b: _Side, limit_bytes: int):
@@ -157,10 +160,11 @@ class _TokenDistances:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        block = torch.cdist(self.a.states[i], self.b.states[j])  # [T_i, T_j]
-        size = block.numel() * block.element_size()
-        while self._cache and self._bytes + size > self.limit:
-            self._bytes -= self._cache.popitem(last=False)[1].numel() * block.element_size()
+        x, y = self.a.states[i], self.b.states[j]
+        size = x.shape[0] * y.shape[0] * x.element_size()
+        while self._cache and self._bytes + (1 + _CDIST_COPIES) * size > self.limit:
+            self._bytes -= self._cache.popitem(last=False)[1].numel() * x.element_size()
+        block = torch.cdist(x, y)  # [T_i, T_j]
         if size <= self.limit:
             self._cache[key] = block
             self._bytes += size
@@ -369,16 +373,15 @@ def group_token_weights(hidden_states: Sequence[torch.Tensor], correct: Sequence
     stats.mixed_groups += 1
 
     n_bar = group_mean_norm(h)
-    scale = n_bar if bool(n_bar > 0) else torch.ones_like(n_bar)
-    if cfg.epsilon_mode == "relative":  # eps in units of n_bar: compute on h / n_bar, already normalised
-        h, post_scale = [x / scale for x in h], 1.0
-    else:  # raw eps on raw states, then divide the distances by n_bar
-        post_scale = 1.0 / scale
-    if cfg.metric not in _METRICS_WITH_UNITS:
-        post_scale = 1.0
+    scale = float(n_bar) if bool(n_bar > 0) else 1.0
+    # Distances are divided by n_bar (step 4). A relative eps is in units of n_bar: Sinkhorn on h / n_bar
+    # with eps is Sinkhorn on h with eps * n_bar (the same plan), its value divided by n_bar, so the
+    # states are not copied to be scaled.
+    epsilon = cfg.epsilon * scale if cfg.epsilon_mode == "relative" else cfg.epsilon
+    post_scale = 1.0 / scale if cfg.metric in _METRICS_WITH_UNITS else 1.0
 
     good, bad = (_Side.build(m, [h[i] for i in m], cfg) for m in side_members)
-    min_good, min_bad = opposing_span_minima(good, bad, cfg, cfg.epsilon, stats)  # [S_good], [S_bad]
+    min_good, min_bad = opposing_span_minima(good, bad, cfg, epsilon, stats)  # [S_good], [S_bad]
     for side, minima in ((good, min_good), (bad, min_bad)):
         for pos, i in enumerate(side.members):
             span_d = minima[side.first[pos]:side.first[pos] + len(side.starts[pos])] * post_scale  # [K_i]
