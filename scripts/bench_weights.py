@@ -3,6 +3,7 @@
     python scripts/bench_weights.py            # G=8 (4/4 and 2/6), T in [300, 1500], d in {256, 1024}
     python scripts/bench_weights.py --quick    # one small case, < 60 s on 2 cores
     python scripts/bench_weights.py --paper-scale  # one group of 8 x 3000 tokens x d=3584 in 1 GB
+    python scripts/bench_weights.py --states groups.pt  # the same table on captured hidden states
 
 Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, float32):
   engine       group_token_weights with exact pruning (the default)
@@ -166,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small case (< 60 s on 2 cores)")
     parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian states instead of phased ones")
+    parser.add_argument("--states", help="captured groups instead of synthetic ones: a torch.save'd dict "
+                        "{'hidden_states': [G tensors [T_i, d]], 'correct': [G bools]} or a list of them")
     parser.add_argument("--samples", type=int, default=None, help="span pairs timed in the POT loop")
     parser.add_argument("--floor-samples", type=int, default=400, help="span pairs sampled for the W1 floor")
     parser.add_argument("--paper-scale", action="store_true", help="only the 8 x 3000 x 3584 memory case")
@@ -176,32 +179,40 @@ def main() -> None:
         return paper_scale(args.seed, args.budget_mb)
 
     cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
-    if args.quick:
-        cases = [("4/4", 256, [300, 420, 360, 480, 330, 450, 390, 300])]
-    else:
-        cases = [(split, d, None) for d in (256, 1024) for split in ("4/4", "2/6")]
+    rng = random.Random(args.seed)
+    cases = []  # (name, states, correct, seed)
+    if args.states:
+        groups = torch.load(args.states, weights_only=True)
+        for k, group in enumerate([groups] if isinstance(groups, dict) else groups):
+            states, correct = [h.float() for h in group["hidden_states"]], [bool(c) for c in group["correct"]]
+            lengths = [h.shape[0] for h in states]
+            name = f"#{k} {sum(correct)}/{len(correct) - sum(correct)} d={states[0].shape[1]} T={min(lengths)}-{max(lengths)}"
+            cases.append((name, states, correct, rng.randint(0, 2**31)))
+    for split, d, lengths in [] if args.states else (
+            [("4/4", 256, [300, 420, 360, 480, 330, 450, 390, 300])] if args.quick else
+            [(split, d, None) for d in (256, 1024) for split in ("4/4", "2/6")]):
+        n_good = int(split.split("/")[0])
+        correct = [True] * n_good + [False] * (8 - n_good)
+        lengths = lengths or [rng.randint(300, 1500) for _ in correct]
+        seed = rng.randint(0, 2**31)
+        states = iid_group(lengths, d, seed) if args.iid else phased_group(lengths, correct, d, seed)
+        cases.append((f"G=8 {split} d={d} T={min(lengths)}-{max(lengths)}", states, correct, seed))
     samples = args.samples or (30 if args.quick else 100)
+    kind = args.states or ("i.i.d." if args.iid else "phased")
     print(f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} threads, "
-          f"{'i.i.d.' if args.iid else 'phased'} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
+          f"{kind} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
           f"({cfg.epsilon_mode}) tol={cfg.tol} max_iter={cfg.max_iter}; POT loop: {samples} random span pairs timed, extrapolated to all pairs")
     header = (f"{'case':<22}{'pairs':>7} | {'engine s':>9}{'solves':>7}{'%':>8}{'capped':>7} | "
               f"{'no-prune s':>10}{'x':>6}{'rel.diff':>9} | {'POT loop s':>10}{'x':>7}{'rel.diff':>9} | "
               f"{'W1 floor':>12}")
     print(header)
     print("-" * len(header))
-    rng = random.Random(args.seed)
-    for split, d, lengths in cases:
-        n_good = int(split.split("/")[0])
-        correct = [True] * n_good + [False] * (8 - n_good)
-        lengths = lengths or [rng.randint(300, 1500) for _ in correct]
-        seed = rng.randint(0, 2**31)
-        states = iid_group(lengths, d, seed) if args.iid else phased_group(lengths, correct, d, seed)
+    for name, states, correct, seed in cases:
         weights, t_engine, st = run_engine(states, correct, cfg)
         brute, t_brute, st_brute = run_engine(states, correct, dataclasses.replace(cfg, prune=False))
         per_pair, pot_diff = pot_loop_sample(states, correct, cfg, samples, seed)
         t_pot = per_pair * st.candidate_pairs
         floor, floor_std = w1_floor(states, correct, cfg, args.floor_samples, seed)
-        name = f"G=8 {split} d={d} T={min(lengths)}-{max(lengths)}"
         print(f"{name:<22}{st.candidate_pairs:>7} | {t_engine:>9.2f}{st.sinkhorn_solves:>7}"
               f"{100 * st.sinkhorn_solves / st.candidate_pairs:>6.1f}%{st.capped_solves:>7} | "
               f"{t_brute:>10.2f}{t_brute / t_engine:>6.1f}{max_rel_diff(weights, brute):>9.1e} | "
