@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shear_verl.data.layout import prepare_sets
 from shear_verl.data.prompts import CODE_STDIN_INSTRUCTION, asserts_task, code_messages, function_task
-from shear_verl.data.schema import make_row, repeat_rows, write_parquet
+from shear_verl.data.schema import make_row
 from shear_verl.data.sources import (
     BundledFile,
     HubDataset,
-    MissingSourceError,
     Record,
     SourceSpec,
     first_field,
-    load_records,
 )
-
-logger = logging.getLogger(__name__)
 
 CODE_AVG_AT_K = 4  # the paper reports avg@4 on every code benchmark
 LCB_WINDOW = ("2025-02-01", "2025-05-31")  # LiveCodeBench v6 problems used by the paper (2025-02..05)
@@ -227,43 +223,11 @@ def prepare_code(
     repeats: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Same contract as `math_sets.prepare_math`, for the code task."""
-    out = Path(out_dir)
-    files = dict(files or {})
-    names = list(CODE_BENCHMARKS) if benchmarks is None else list(benchmarks)
-    unknown = [n for n in [*names, *files] if n not in CODE_BENCHMARKS and n != EURUS_CODE.name]
-    if unknown:
-        raise ValueError(f"unknown code data set(s) {unknown}; known: {[EURUS_CODE.name, *CODE_BENCHMARKS]}")
-    repeats = {n: CODE_BENCHMARKS[n].avg_at_k for n in names} | dict(repeats or {})
-    summary: dict[str, Any] = {}
-    missing: dict[str, str] = {}
-
-    if with_train:
-        records, origin = load_records(EURUS_CODE, files.get(EURUS_CODE.name), allow_hub=allow_hub,
-                                       prefer_hub=prefer_hub)
-        rows, dropped = eurus_rows(records, keep_system_prompt=keep_system_prompt)
-        path = out / "train.parquet"
-        write_parquet(rows, path)
-        summary[EURUS_CODE.name] = {"rows": len(rows), "dropped": dropped, "source": origin, "path": str(path)}
-
-    val_rows: list[dict] = []
-    for name in names:
-        bench = CODE_BENCHMARKS[name]
-        try:
-            records, origin = load_records(bench.source, files.get(name), allow_hub=allow_hub, prefer_hub=prefer_hub)
-        except MissingSourceError as exc:
-            if not skip_missing:
-                raise
-            missing[name] = str(exc)
-            logger.warning("skipping %s: %s", name, exc)
-            continue
-        rows = benchmark_rows(bench, records)
-        path = out / f"{name}.parquet"
-        write_parquet(rows, path)
-        val_rows += repeat_rows(rows, repeats[name])
-        summary[name] = {"rows": len(rows), "avg_at_k": repeats[name], "source": origin, "path": str(path)}
-    if val_rows:
-        write_parquet(val_rows, out / "val.parquet")
-        summary["val"] = {"rows": len(val_rows), "path": str(out / "val.parquet")}
-    if missing:
-        summary["missing"] = missing
-    return summary
+    return prepare_sets(
+        out_dir, task="code", train=EURUS_CODE,
+        train_rows=lambda records: eurus_rows(records, keep_system_prompt=keep_system_prompt),
+        benchmarks=CODE_BENCHMARKS,
+        benchmark_rows=lambda name, records: (benchmark_rows(CODE_BENCHMARKS[name], records), None),
+        names=benchmarks, files=files, with_train=with_train, allow_hub=allow_hub, prefer_hub=prefer_hub,
+        skip_missing=skip_missing, repeats=repeats,
+    )

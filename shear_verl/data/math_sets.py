@@ -9,25 +9,21 @@ Layout written by `prepare_math` under `out_dir`:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reward_fns.math import last_boxed_answer
+from shear_verl.data.layout import prepare_sets
 from shear_verl.data.prompts import math_messages
-from shear_verl.data.schema import make_row, repeat_rows, write_parquet
+from shear_verl.data.schema import make_row
 from shear_verl.data.sources import (
     BundledFile,
     HubDataset,
-    MissingSourceError,
     Record,
     SourceSpec,
     first_field,
-    load_records,
 )
-
-logger = logging.getLogger(__name__)
 
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer")
@@ -142,44 +138,11 @@ def prepare_math(
     paper's avg@k used for val.parquet. With skip_missing, unavailable benchmarks are reported
     and left out instead of raising MissingSourceError.
     """
-    out = Path(out_dir)
-    files = dict(files or {})
-    names = list(MATH_BENCHMARKS) if benchmarks is None else list(benchmarks)
-    unknown = [n for n in [*names, *files] if n not in MATH_BENCHMARKS and n != MATH_TRAIN.name]
-    if unknown:
-        raise ValueError(f"unknown math data set(s) {unknown}; known: {[MATH_TRAIN.name, *MATH_BENCHMARKS]}")
-    repeats = {n: MATH_BENCHMARKS[n].avg_at_k for n in names} | dict(repeats or {})
-    summary: dict[str, Any] = {}
-
-    if with_train:
-        records, origin = load_records(MATH_TRAIN, files.get(MATH_TRAIN.name), allow_hub=allow_hub,
-                                       prefer_hub=prefer_hub)
-        rows, dropped = math_rows(MATH_TRAIN.name, records, split="train", prompt_style=prompt_style)
-        path = out / "train.parquet"
-        write_parquet(rows, path)
-        summary[MATH_TRAIN.name] = {"rows": len(rows), "dropped": dropped, "source": origin, "path": str(path)}
-
-    val_rows: list[dict] = []
-    missing: dict[str, str] = {}
-    for name in names:
-        try:
-            records, origin = load_records(MATH_BENCHMARKS[name].source, files.get(name), allow_hub=allow_hub,
-                                           prefer_hub=prefer_hub)
-        except MissingSourceError as exc:
-            if not skip_missing:
-                raise
-            missing[name] = str(exc)
-            logger.warning("skipping %s: %s", name, exc)
-            continue
-        rows, dropped = math_rows(name, records, split="test", prompt_style=prompt_style)
-        path = out / f"{name}.parquet"
-        write_parquet(rows, path)
-        val_rows += repeat_rows(rows, repeats[name])
-        summary[name] = {"rows": len(rows), "dropped": dropped, "avg_at_k": repeats[name], "source": origin,
-                         "path": str(path)}
-    if val_rows:
-        write_parquet(val_rows, out / "val.parquet")
-        summary["val"] = {"rows": len(val_rows), "path": str(out / "val.parquet")}
-    if missing:
-        summary["missing"] = missing
-    return summary
+    return prepare_sets(
+        out_dir, task="math", train=MATH_TRAIN,
+        train_rows=lambda records: math_rows(MATH_TRAIN.name, records, split="train", prompt_style=prompt_style),
+        benchmarks=MATH_BENCHMARKS,
+        benchmark_rows=lambda name, records: math_rows(name, records, split="test", prompt_style=prompt_style),
+        names=benchmarks, files=files, with_train=with_train, allow_hub=allow_hub, prefer_hub=prefer_hub,
+        skip_missing=skip_missing, repeats=repeats,
+    )
