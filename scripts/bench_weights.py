@@ -16,6 +16,8 @@ Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, flo
                extrapolated to all pairs (counting each unordered pair once, which favours POT:
                Algorithm 1's loop visits each pair from both sides).
   solves       transport problems solved (the POT loop solves every pair)
+  stopped      candidates the engine started but stopped after 8 iterations, their W1 dual bound
+               having reached the best value of both their spans (not counted in solves)
   rel.diff     engine vs no-prune: max relative difference of the token weights;
                engine solver vs POT: max relative difference of the sampled span distances.
   W1 floor     the least share of pairs ANY exact pruning with a bound <= W1 must solve (the
@@ -202,7 +204,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} threads, "
           f"{kind} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
           f"({cfg.epsilon_mode}) tol={cfg.tol} max_iter={cfg.max_iter}; POT loop: {samples} random span pairs timed, extrapolated to all pairs")
-    header = (f"{'case':<22}{'pairs':>7} | {'engine s':>9}{'solves':>7}{'%':>8}{'capped':>7} | "
+    header = (f"{'case':<22}{'pairs':>7} | {'engine s':>9}{'solves':>7}{'%':>8}{'stopped':>8}{'capped':>7} | "
               f"{'no-prune s':>10}{'x':>6}{'rel.diff':>9} | {'POT loop s':>10}{'x':>7}{'rel.diff':>9} | "
               f"{'W1 floor':>12}")
     print(header)
@@ -214,7 +216,7 @@ def main() -> None:
         t_pot = per_pair * st.candidate_pairs
         floor, floor_std = w1_floor(states, correct, cfg, args.floor_samples, seed)
         print(f"{name:<22}{st.candidate_pairs:>7} | {t_engine:>9.2f}{st.sinkhorn_solves:>7}"
-              f"{100 * st.sinkhorn_solves / st.candidate_pairs:>6.1f}%{st.capped_solves:>7} | "
+              f"{100 * st.sinkhorn_solves / st.candidate_pairs:>6.1f}%{st.dual_pruned_pairs:>8}{st.capped_solves:>7} | "
               f"{t_brute:>10.2f}{t_brute / t_engine:>6.1f}{max_rel_diff(weights, brute):>9.1e} | "
               f"{t_pot:>10.1f}{t_pot / t_engine:>7.0f}{pot_diff:>9.1e} | "
               f"{100 * floor:>5.1f}+-{100 * floor_std:.1f}%", flush=True)

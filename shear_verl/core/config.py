@@ -106,8 +106,10 @@ class ShearStats:
 
     sinkhorn_solves counts transport problems actually solved (Sinkhorn, or exact OT for
     metric="w1"); candidate_pairs counts the (span, opposing span) pairs the minimum ranges over;
-    pruned_pairs those skipped by the exact lower bound; capped_solves the Sinkhorn problems that
-    reached max_iter before the marginal error fell below tol.
+    pruned_pairs those skipped by an exact lower bound, of which dual_pruned_pairs were stopped
+    after a few Sinkhorn iterations, once the W1 dual bound from their iterates reached the best
+    value of both their spans; capped_solves the Sinkhorn problems that reached max_iter before the
+    marginal error fell below tol.
     """
 
     groups: int = 0
@@ -117,6 +119,7 @@ class ShearStats:
     sinkhorn_solves: int = 0
     candidate_pairs: int = 0
     pruned_pairs: int = 0
+    dual_pruned_pairs: int = 0
     capped_solves: int = 0
 
     def merge(self, other: ShearStats) -> ShearStats:

@@ -50,6 +50,11 @@ DEFAULT_BLOCK = 64  # problems iterated together (64 x 100 x 100 float32 kernels
 # The tiled solver's factor: it starts cold, where 1.6 took the fewest iterations on
 # scripts/bench_weights.py's groups (mean ~29 vs ~36 at 1.7; 1.8 and above often needs the safeguard).
 TILED_OMEGA = 1.6
+# Hard minus soft c-transform bound, per column: between 0 and eps log n (the column's effective
+# number of near-minimal rows); on the span problems of a trained LM's states at eps = 0.05 it was
+# 1.1-1.8 eps (10-90 % quantiles). Problems whose soft bound is further below their threshold are
+# left running without the costly hard bound (a larger eps spreads the plan: fewer get it).
+_HARD_BOUND_REACH = 1.5
 
 
 def _cycle_length(n: int, m: int, omega: float = 1.0) -> int:
@@ -224,6 +229,20 @@ class _Tiling:
         products = torch.bmm(pieces, kernel)  # [nb, L*L, g]: (each slot's piece) @ block
         return torch.index_select(products.view(-1, g), 0, self.dst).view(self.P, self.L, self.L, g).sum(reduce_dim)
 
+    def c_transform(self, f: torch.Tensor, costs_t: torch.Tensor) -> torch.Tensor:
+        """f^c(y) = min_x C(x, y) - f(x) per problem: f [P, L, g] on the rows, costs_t the blocks
+        transposed ([nb, g, g], y first) -> [P, L, g]. ``k_mul``'s gathers in the (min, +) semiring,
+        one slot at a time into reused buffers (a [nb, g, g] temporary, not [nb, L*L, g, g])."""
+        g = f.shape[2]
+        ext = torch.cat([f.reshape(self.P * self.L, g), f.new_zeros(1, g)])  # [P*L + 1, g]
+        pieces = torch.index_select(ext, 0, self.row_src).view(-1, self.L * self.L, g)  # [nb, L*L, g]
+        out = torch.empty(self.L * self.L, pieces.shape[0], g, dtype=f.dtype, device=f.device)  # [L*L, nb, g]
+        diff = torch.empty_like(costs_t)
+        for slot in range(self.L * self.L):
+            torch.amin(torch.sub(costs_t, pieces[:, slot, None, :], out=diff), dim=2, out=out[slot])
+        out = out.transpose(0, 1).reshape(-1, g)  # [nb * L*L, g]
+        return torch.index_select(out, 0, self.dst).view(self.P, self.L, self.L, g).amin(1)
+
     def k_mul(self, vec: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """K v per problem: vec [P, L, g] (piece c = entries c*g..(c+1)*g), kernel [nb, g, g] -> [P, L, g]."""
         return self._apply(vec, self.col_src, kernel.transpose(1, 2), 2)
@@ -233,10 +252,44 @@ class _Tiling:
         return self._apply(vec, self.row_src, kernel, 1)
 
 
+def w1_dual_bound(tiling: _Tiling, costs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Lower bound on W1 (hence on <P_eps, C>) of every problem from any row potential f [P, L, g].
+
+    Kantorovich duality with a c-transform (Peyre & Cuturi 2019, "Computational Optimal Transport",
+    Sec. 3.1 and Prop. 3.1): f^c(y) = min_x C(x, y) - f(x) makes f(x) + f^c(y) <= C(x, y), so
+    mean f + mean f^c <= W1 for uniform marginals whatever f is, with equality at an optimal f.
+    Invariant to a constant added to f. costs: the blocks [nb, g, g] of ``tiling.used``. Returns [P].
+    """
+    f_c = tiling.c_transform(f, costs.transpose(1, 2).contiguous())  # [P, L, g]
+    return f.mean(dim=(1, 2)) + f_c.mean(dim=(1, 2))
+
+
+def _stop_by_dual_bound(tiling: _Tiling, blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor,
+                        k_t_alpha: torch.Tensor, epsilon: float, shift: torch.Tensor, threshold: torch.Tensor,
+                        running: torch.Tensor) -> torch.Tensor:
+    """Which running problems are proved >= their threshold by a W1 dual bound of f = eps log alpha. [P]
+
+    ``w1_dual_bound`` (mean f + mean f^c) is a pass over every problem's costs, several Sinkhorn
+    iterations' worth, so the soft c-transform comes first: -eps log sum_x exp((f(x) - C(x, y)) / eps)
+    <= f^c(y), and it is free (-eps log(K^T alpha) + shift, the product the next half-step uses). A
+    problem is stopped where the soft bound reaches its threshold, or where the hard one does, which
+    is only computed for problems whose soft bound is within ``_HARD_BOUND_REACH`` eps of the
+    threshold: speed only, a problem not stopped here is solved.
+    """
+    f = epsilon * alpha.log()  # [P, L, g] row potentials, up to a constant
+    soft = f.mean(dim=(1, 2)) - epsilon * k_t_alpha.log().mean(dim=(1, 2)) + shift  # [P]
+    cut = running & (soft >= threshold)
+    near = (running & ~cut & (soft + _HARD_BOUND_REACH * epsilon >= threshold)).nonzero().squeeze(1)
+    if near.numel():
+        sub = _Tiling(tiles[near])
+        cut[near] = w1_dual_bound(sub, blocks[sub.used], f[near]) >= threshold[near]
+    return cut
+
+
 def tiled_sinkhorn_transport_cost(
     blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int,
-    omega: float = TILED_OMEGA, check_every: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    omega: float = TILED_OMEGA, check_every: int = 8, threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sinkhorn_transport_cost`` for problems that share cost blocks: same fixed point, stopping test
     (both marginal errors < tol), over-relaxation and safeguard, one kernel for all problems.
 
@@ -253,7 +306,14 @@ def tiled_sinkhorn_transport_cost(
     outside it, or whose scalings leave exp(+-0.9 * log(max)) on the way (checked every
     ``check_every`` iterations), is not solved: ``solved`` is False and the caller gives it to
     ``sinkhorn_transport_cost``.
-    Returns (values [P], capped [P] bool, solved [P] bool).
+
+    threshold [P] (optional; +inf = none): at the first check, a problem whose ``w1_dual_bound`` from
+    its current row scalings (f = eps log alpha) is >= its threshold is stopped: W_eps >= W1 >= the
+    bound, so its value is known to be >= the threshold, which is all a caller taking minima needs.
+    A few Sinkhorn iterations already give potentials close enough to the optimal ones for this
+    bound to be near W1, far tighter than bounds from the costs alone.
+    Returns (values [P], capped [P] bool, solved [P] bool, pruned [P] bool); values are NaN where
+    not solved or pruned.
     """
     P, L, _ = tiles.shape
     g = blocks.shape[1]
@@ -261,8 +321,9 @@ def tiled_sinkhorn_transport_cost(
     values = blocks.new_full((P,), math.nan)
     capped = torch.zeros(P, dtype=torch.bool, device=device)
     solved = torch.zeros(P, dtype=torch.bool, device=device)
+    pruned = torch.zeros(P, dtype=torch.bool, device=device)
     if P == 0:
-        return values, capped, solved
+        return values, capped, solved, pruned
     position = tiles * (L * L) + torch.arange(L * L, device=device).view(L, L)  # [P, L, L]
     if torch.unique(position).shape[0] != position.numel():
         raise ValueError("tiled Sinkhorn: two problems use the same block at the same tile position")
@@ -301,9 +362,14 @@ def tiled_sinkhorn_transport_cost(
         lost = ~(scale <= scaling_limit)  # also NaN: left to the stabilised solver
         conv = (err < tol) & ~lost
         done = conv | lost | (iters >= max_iter)
+        if threshold is not None and iters == steps:  # the first check
+            cut = _stop_by_dual_bound(tiling, blocks, tiles[active], alpha, k_t_alpha, epsilon, shift,
+                                      threshold[active], ~done)
+            pruned[active[cut]] = True
+            done = done | cut
         if not bool(done.any()):
             continue
-        fin = (done & ~lost).nonzero().squeeze(1)
+        fin = (done & ~lost & ~pruned[active]).nonzero().squeeze(1)
         if fin.numel():
             # <P, C> = sum_ij alpha_i K_ij beta_j C_ij, by the same block products on K * C.
             sub = _Tiling(tiles[active[fin]])
@@ -317,4 +383,4 @@ def tiled_sinkhorn_transport_cost(
         if active.numel():
             tiling = _Tiling(tiles[active])
             kernel = kernel_all[tiling.used]
-    return values, capped, solved
+    return values, capped, solved, pruned

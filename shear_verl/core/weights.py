@@ -231,39 +231,47 @@ def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, s
 
 def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                   cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                  values: torch.Tensor) -> torch.Tensor:
-    """Solve the pairs of full spans with the tiled solver, into ``values``; returns the mask of pairs
-    solved (the others: spans shorter than w, too sparse to share blocks, or kernels outside the
-    tiled solver's range). [P] bool"""
+                  values: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Solve the pairs of full spans with the tiled solver, into ``values`` (+inf for pairs its dual
+    bound proved >= their ``threshold``); returns the mask of pairs done (the others: spans shorter
+    than w, too sparse to share blocks, or kernels outside the tiled solver's range). [P] bool"""
     done = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     g = math.gcd(cfg.span_len, cfg.stride)
     if cfg.metric != "sinkhorn" or g < _MIN_TILE:
         return done
     L = cfg.span_len // g
     picked = ((a.length[rows] == cfg.span_len) & (b.length[cols] == cfg.span_len)).nonzero().squeeze(1)
+    if picked.numel() == 0:  # e.g. every rollout of one side is shorter than w
+        return done
     picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
-    # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): five
-    # block-sized tensors (costs, exponent, kernel, its active copy, K * C), two [blocks, L^2, g]
-    # products and the [P, L, L, g] gather.
-    per_problem = int((5 * g * g + 2 * L * L * g) / _MIN_SHARING) + L * L * g
+    # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): six
+    # block-sized tensors (costs, kernel, its active copy, and the exponent, K * C, or the dual bound's
+    # costs, their transpose and one slot's differences), two [blocks, L^2, g] products and the
+    # [P, L, L, g] gather.
+    per_problem = int((6 * g * g + 2 * L * L * g) / _MIN_SHARING) + L * L * g
     for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
         if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:
             continue
-        v, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, epsilon, cfg.tol, cfg.max_iter)
+        v, capped, solved, cut = tiled_sinkhorn_transport_cost(
+            blocks, tiles, epsilon, cfg.tol, cfg.max_iter, threshold=None if threshold is None else threshold[chunk])
         values[chunk[solved]] = v[solved]
-        done[chunk[solved]] = True
+        values[chunk[cut]] = math.inf
+        done[chunk[solved | cut]] = True
+        stats.dual_pruned_pairs += int(cut.sum())
         stats.capped_solves += int(capped.sum())
         stats.sinkhorn_solves += int(solved.sum())
     return done
 
 
 def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
-                      cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats) -> torch.Tensor:
+                      cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
+                      threshold: torch.Tensor | None = None) -> torch.Tensor:
     """W_eps (or exact W1) of the span pairs (rows[p], cols[p]): the tiled solver where it applies, the
-    rest batched across rollout pairs by span shape. [P]"""
+    rest batched across rollout pairs by span shape. With ``threshold`` [P], a pair the tiled solver
+    proves to be >= its threshold is +inf instead. [P]"""
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
-    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values)
+    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, threshold)
     rest = rest.nonzero().squeeze(1)
     size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows[rest]]]  # [R] n of each pair
     size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols[rest]]]  # [R] m of each pair
@@ -305,19 +313,23 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
         bound[rs, cs] = torch.maximum(bound[rs, cs], torch.maximum(x_to_y, y_to_x))
     # Seed every row and column with its most promising pair, then solve in one batch every pair
     # whose bound is below the best of its row or column (one batch keeps the candidates dense enough
-    # for the tiled solver); the bests only fall, so a pair skipped once stays skippable.
+    # for the tiled solver), which stops those whose dual bound after a few iterations reaches that
+    # best; the bests only fall, so a pair skipped once stays skippable.
     todo = torch.zeros(s_a, s_b, dtype=torch.bool, device=device)
     todo[torch.arange(s_a, device=device), bound.argmin(1)] = True
     todo[bound.argmin(0), torch.arange(s_b, device=device)] = True
-    solved = torch.zeros_like(todo)
+    done = torch.zeros_like(todo)
+    threshold = None
     while True:
         rows, cols = todo.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return values
-        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats)
-        solved[rows, cols] = True
+        limit = None if threshold is None else threshold[rows, cols]  # [P]
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, limit)
+        done[rows, cols] = True
         best_a, best_b = values.amin(1), values.amin(0)  # [S_a], [S_b]
-        todo = ~solved & ((bound < best_a[:, None]) | (bound < best_b[None, :]))
+        threshold = torch.maximum(best_a[:, None], best_b[None, :])  # [S_a, S_b]
+        todo = ~done & (bound < threshold)
 
 
 def opposing_span_minima(a: _Side, b: _Side, cfg: ShearConfig, epsilon: float,

@@ -5,7 +5,7 @@ import ot
 import pytest
 import torch
 
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import _Tiling, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound
 
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
@@ -108,9 +108,9 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
 @pytest.mark.parametrize("omega", [1.0, 1.6])
 def test_tiled_equals_pot_on_shared_blocks(omega):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
-    values, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
-                                                           omega=omega)
-    assert solved.all() and not capped.any()
+    values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
+                                                                   omega=omega)
+    assert solved.all() and not capped.any() and not pruned.any()
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
@@ -118,14 +118,14 @@ def test_tiled_float32_leaves_out_of_range_kernels_to_the_stabilised_solver():
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 30.0  # (C - min C) / eps = 150 > 39: exp leaves float32 for the problems using block 0
     uses_block_0 = (tiles == 0).flatten(1).any(1)
-    values, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
     assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any()
     np.testing.assert_allclose(values[solved].double().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
 
 
 def test_tiled_reports_capped_problems():
     blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=10)
-    _, capped, solved = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3)
+    _, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3)
     assert capped.all() and solved.all()
 
 
@@ -133,3 +133,37 @@ def test_tiled_rejects_two_problems_on_one_block_position():
     blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=11)
     with pytest.raises(ValueError, match="same block at the same tile position"):
         tiled_sinkhorn_transport_cost(blocks, torch.cat([tiles[:1], tiles[:1]]), 0.3, 1e-6, 100)
+
+
+def _exact_w1(costs):
+    return np.array([ot.emd2(ot.unif(c.shape[0]), ot.unif(c.shape[1]), c.numpy()) for c in costs])
+
+
+def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise():
+    blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=12)  # 24 problems of 12 x 12
+    tiling = _Tiling(tiles)
+    w1 = _exact_w1(costs)
+    # POT's exact dual potentials (network simplex): the c-transforms keep them optimal.
+    f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.numpy(), log=True)[1]["u"]) for c in costs])
+    bound = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4))
+    np.testing.assert_allclose(bound.numpy(), w1, rtol=1e-9)
+    # Any other potential, e.g. random or shifted by a constant: still a lower bound.
+    f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert (w1_dual_bound(tiling, blocks[tiling.used], f_rand).numpy() <= w1 + 1e-12).all()
+    shifted = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4) + 7.0)
+    np.testing.assert_allclose(shifted.numpy(), w1, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiled_threshold_stops_only_problems_proven_above_it(dtype):
+    blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=13, dtype=dtype)
+    ref = _pot(costs.double(), 0.3)
+    threshold = torch.full((tiles.shape[0],), float(np.median(ref)), dtype=dtype)
+    threshold[::5] = float("inf")  # no threshold: solved whatever its value
+    values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-7, max_iter=100_000,
+                                                                   threshold=threshold)
+    assert pruned.any() and not (solved & pruned).any() and (solved | pruned).all() and not capped.any()
+    assert not pruned[::5].any()
+    assert (ref[pruned.numpy()] >= threshold[pruned].double().numpy()).all()  # W_eps really is >= the threshold
+    assert torch.isnan(values[pruned]).all()
+    np.testing.assert_allclose(values[solved].double().numpy(), ref[solved.numpy()], rtol=1e-5)

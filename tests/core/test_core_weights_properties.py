@@ -37,6 +37,24 @@ def test_pruned_equals_brute_force(lengths, flags, seed, metric):
     assert pruned_stats.sinkhorn_solves + pruned_stats.pruned_pairs == pruned_stats.candidate_pairs
 
 
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(0, 110), min_size=2, max_size=5), flags=st.lists(st.booleans(), min_size=5, max_size=5),
+       seed=st.integers(0, 2**16))
+def test_pruned_equals_brute_force_on_tiled_spans(lengths, flags, seed):
+    """span_len 32, stride 16: full span pairs go to the tiled solver, which also stops candidates
+    early once the W1 dual bound of their iterates reaches the best of both their spans."""
+    correct = flags[: len(lengths)]
+    states = _drifting_group(lengths, 3, seed)
+    cfg = ShearConfig(span_len=32, stride=16, epsilon=0.3, tol=1e-10, max_iter=100_000, compute_dtype="float64")
+    pruned_stats = ShearStats()
+    pruned = group_token_weights(states, correct, cfg, stats=pruned_stats)
+    brute = group_token_weights(states, correct, dataclasses.replace(cfg, prune=False))
+    for p, b in zip(pruned, brute):
+        torch.testing.assert_close(p, b, rtol=1e-6, atol=0)
+    assert pruned_stats.sinkhorn_solves + pruned_stats.pruned_pairs == pruned_stats.candidate_pairs
+    assert pruned_stats.dual_pruned_pairs <= pruned_stats.pruned_pairs
+
+
 def test_pruning_prunes_on_drifting_states():
     states = _drifting_group((60, 50, 70, 40), 4, seed=0, dtype=torch.float32)
     stats = ShearStats()
