@@ -38,6 +38,7 @@ scaling vectors that need it as one small GEMM, instead of one copied kernel per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -264,31 +265,52 @@ def w1_dual_bound(tiling: _Tiling, costs: torch.Tensor, f: torch.Tensor) -> torc
     return f.mean(dim=(1, 2)) + f_c.mean(dim=(1, 2))
 
 
-def _stop_by_dual_bound(tiling: _Tiling, blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor,
-                        k_t_alpha: torch.Tensor, epsilon: float, shift: torch.Tensor, threshold: torch.Tensor,
-                        running: torch.Tensor) -> torch.Tensor:
-    """Which running problems are proved >= their threshold by a W1 dual bound of f = eps log alpha. [P]
+@dataclasses.dataclass
+class RunningMinima:
+    """Problems that are entries (rows[p], cols[p]) of a matrix of which the caller only needs the row
+    and column minima, with the minima known so far (updated in place as problems are solved). A
+    problem whose value is proved >= both minima of its row and column cannot change either."""
+
+    rows: torch.Tensor  # [P] row of each problem
+    cols: torch.Tensor  # [P] column of each problem
+    best_rows: torch.Tensor  # [R]
+    best_cols: torch.Tensor  # [C]
+
+    def threshold(self, problems: torch.Tensor) -> torch.Tensor:
+        """The value a problem must reach to be skippable: max of its row's and its column's best. [k]"""
+        return torch.maximum(self.best_rows[self.rows[problems]], self.best_cols[self.cols[problems]])
+
+    def update(self, problems: torch.Tensor, values: torch.Tensor) -> None:
+        self.best_rows.scatter_reduce_(0, self.rows[problems], values, "amin")
+        self.best_cols.scatter_reduce_(0, self.cols[problems], values, "amin")
+
+
+def _raise_dual_bound(tiling: _Tiling, blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor,
+                      k_t_alpha: torch.Tensor, epsilon: float, shift: torch.Tensor, threshold: torch.Tensor,
+                      lower: torch.Tensor, hard: torch.Tensor, running: torch.Tensor) -> None:
+    """Raise the W1 lower bounds ``lower`` [P] of the running problems with f = eps log alpha (in place).
 
     ``w1_dual_bound`` (mean f + mean f^c) is a pass over every problem's costs, several Sinkhorn
     iterations' worth, so the soft c-transform comes first: -eps log sum_x exp((f(x) - C(x, y)) / eps)
-    <= f^c(y), and it is free (-eps log(K^T alpha) + shift, the product the next half-step uses). A
-    problem is stopped where the soft bound reaches its threshold, or where the hard one does, which
-    is only computed for problems whose soft bound is within ``_HARD_BOUND_REACH`` eps of the
-    threshold: speed only, a problem not stopped here is solved.
+    <= f^c(y), and it is free (-eps log(K^T alpha) + shift, the product the next half-step uses). The
+    hard bound is computed once per problem (it barely moves after the first check), and only for
+    problems still below their threshold whose soft bound is within ``_HARD_BOUND_REACH`` eps of it
+    (``hard`` marks them): speed only, a problem not stopped is solved.
     """
     f = epsilon * alpha.log()  # [P, L, g] row potentials, up to a constant
     soft = f.mean(dim=(1, 2)) - epsilon * k_t_alpha.log().mean(dim=(1, 2)) + shift  # [P]
-    cut = running & (soft >= threshold)
-    near = (running & ~cut & (soft + _HARD_BOUND_REACH * epsilon >= threshold)).nonzero().squeeze(1)
+    torch.maximum(lower, torch.where(running, soft, lower), out=lower)
+    near = (running & ~hard & (lower < threshold) & (lower + _HARD_BOUND_REACH * epsilon >= threshold))
+    near = near.nonzero().squeeze(1)
     if near.numel():
         sub = _Tiling(tiles[near])
-        cut[near] = w1_dual_bound(sub, blocks[sub.used], f[near]) >= threshold[near]
-    return cut
+        lower[near] = torch.maximum(lower[near], w1_dual_bound(sub, blocks[sub.used], f[near]))
+        hard[near] = True
 
 
 def tiled_sinkhorn_transport_cost(
     blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int,
-    omega: float = TILED_OMEGA, check_every: int = 8, threshold: torch.Tensor | None = None,
+    omega: float = TILED_OMEGA, check_every: int = 8, minima: RunningMinima | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sinkhorn_transport_cost`` for problems that share cost blocks: same fixed point, stopping test
     (both marginal errors < tol), over-relaxation and safeguard, one kernel for all problems.
@@ -307,11 +329,12 @@ def tiled_sinkhorn_transport_cost(
     ``check_every`` iterations), is not solved: ``solved`` is False and the caller gives it to
     ``sinkhorn_transport_cost``.
 
-    threshold [P] (optional; +inf = none): at the first check, a problem whose ``w1_dual_bound`` from
-    its current row scalings (f = eps log alpha) is >= its threshold is stopped: W_eps >= W1 >= the
-    bound, so its value is known to be >= the threshold, which is all a caller taking minima needs.
-    A few Sinkhorn iterations already give potentials close enough to the optimal ones for this
-    bound to be near W1, far tighter than bounds from the costs alone.
+    minima (optional): the caller needs only row and column minima of the problems' values. At every
+    check the solved problems lower those minima, and a running problem whose W1 dual bound from its
+    current row scalings (f = eps log alpha, ``_raise_dual_bound``) reaches the max of its row's and
+    its column's best is stopped (``pruned``): W_eps >= W1 >= the bound, so it cannot change either.
+    A few Sinkhorn iterations already give potentials close enough to the optimal ones for this bound
+    to be near W1, far tighter than bounds from the costs alone.
     Returns (values [P], capped [P] bool, solved [P] bool, pruned [P] bool); values are NaN where
     not solved or pruned.
     """
@@ -344,6 +367,8 @@ def tiled_sinkhorn_transport_cost(
     beta = torch.ones_like(alpha)  # column scalings
     relax = blocks.new_full((active.shape[0], 1, 1), omega)
     last_err = blocks.new_full((active.shape[0],), math.inf)
+    lower = blocks.new_full((active.shape[0],), -math.inf)  # [P_act] W1 lower bounds (with minima)
+    hard = torch.zeros(active.shape[0], dtype=torch.bool, device=device)  # hard bound taken
     iters = 0
     k_t_alpha = tiling.kt_mul(alpha, kernel)
     while active.numel():
@@ -362,14 +387,7 @@ def tiled_sinkhorn_transport_cost(
         lost = ~(scale <= scaling_limit)  # also NaN: left to the stabilised solver
         conv = (err < tol) & ~lost
         done = conv | lost | (iters >= max_iter)
-        if threshold is not None and iters == steps:  # the first check
-            cut = _stop_by_dual_bound(tiling, blocks, tiles[active], alpha, k_t_alpha, epsilon, shift,
-                                      threshold[active], ~done)
-            pruned[active[cut]] = True
-            done = done | cut
-        if not bool(done.any()):
-            continue
-        fin = (done & ~lost & ~pruned[active]).nonzero().squeeze(1)
+        fin = (done & ~lost).nonzero().squeeze(1)
         if fin.numel():
             # <P, C> = sum_ij alpha_i K_ij beta_j C_ij, by the same block products on K * C.
             sub = _Tiling(tiles[active[fin]])
@@ -377,9 +395,21 @@ def tiled_sinkhorn_transport_cost(
             values[active[fin]] = (alpha[fin] * sub.k_mul(beta[fin], weighted)).sum(dim=(1, 2))
             capped[active[fin]] = ~conv[fin]
             solved[active[fin]] = True
+            if minima is not None:
+                minima.update(active[fin], values[active[fin]])
+        if minima is not None:
+            threshold = minima.threshold(active)  # [P_act]
+            _raise_dual_bound(tiling, blocks, tiles[active], alpha, k_t_alpha, epsilon, shift, threshold, lower,
+                              hard, ~done)
+            cut = ~done & (lower >= threshold)
+            pruned[active[cut]] = True
+            done = done | cut
+        if not bool(done.any()):
+            continue
         keep = (~done).nonzero().squeeze(1)
         active = active[keep]
         alpha, beta, relax, last_err, k_t_alpha = alpha[keep], beta[keep], relax[keep], last_err[keep], k_t_alpha[keep]
+        lower, hard = lower[keep], hard[keep]
         if active.numel():
             tiling = _Tiling(tiles[active])
             kernel = kernel_all[tiling.used]

@@ -38,7 +38,7 @@ import torch
 
 from shear_verl.core import metrics
 from shear_verl.core.config import ShearConfig, ShearStats
-from shear_verl.core.sinkhorn import DEFAULT_BLOCK, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import DEFAULT_BLOCK, RunningMinima, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
 from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
 
 # Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
@@ -231,9 +231,10 @@ def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, s
 
 def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                   cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                  values: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """Solve the pairs of full spans with the tiled solver, into ``values`` (+inf for pairs its dual
-    bound proved >= their ``threshold``); returns the mask of pairs done (the others: spans shorter
+                  values: torch.Tensor, bests: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Solve the pairs of full spans with the tiled solver, into ``values``; with ``bests`` (the best
+    values of the rows and columns so far, lowered in place), pairs its dual bound proves >= both
+    their row's and column's best are +inf. Returns the mask of pairs done (the others: spans shorter
     than w, too sparse to share blocks, or kernels outside the tiled solver's range). [P] bool"""
     done = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     g = math.gcd(cfg.span_len, cfg.stride)
@@ -253,8 +254,9 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
         if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:
             continue
-        v, capped, solved, cut = tiled_sinkhorn_transport_cost(
-            blocks, tiles, epsilon, cfg.tol, cfg.max_iter, threshold=None if threshold is None else threshold[chunk])
+        minima = None if bests is None else RunningMinima(rows[chunk], cols[chunk], *bests)
+        v, capped, solved, cut = tiled_sinkhorn_transport_cost(blocks, tiles, epsilon, cfg.tol, cfg.max_iter,
+                                                               minima=minima)
         values[chunk[solved]] = v[solved]
         values[chunk[cut]] = math.inf
         done[chunk[solved | cut]] = True
@@ -266,12 +268,12 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
 
 def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                       cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                      threshold: torch.Tensor | None = None) -> torch.Tensor:
+                      bests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """W_eps (or exact W1) of the span pairs (rows[p], cols[p]): the tiled solver where it applies, the
-    rest batched across rollout pairs by span shape. With ``threshold`` [P], a pair the tiled solver
-    proves to be >= its threshold is +inf instead. [P]"""
+    rest batched across rollout pairs by span shape. With ``bests`` ([S_a], [S_b]: the row and column
+    minima so far), a pair the tiled solver proves >= both its minima is +inf instead. [P]"""
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
-    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, threshold)
+    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, bests)
     rest = rest.nonzero().squeeze(1)
     size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows[rest]]]  # [R] n of each pair
     size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols[rest]]]  # [R] m of each pair
@@ -313,23 +315,21 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
         bound[rs, cs] = torch.maximum(bound[rs, cs], torch.maximum(x_to_y, y_to_x))
     # Seed every row and column with its most promising pair, then solve in one batch every pair
     # whose bound is below the best of its row or column (one batch keeps the candidates dense enough
-    # for the tiled solver), which stops those whose dual bound after a few iterations reaches that
-    # best; the bests only fall, so a pair skipped once stays skippable.
+    # for the tiled solver), which stops those whose dual bound from their first iterates reaches the
+    # bests, as they fall; the bests only fall, so a pair skipped once stays skippable.
     todo = torch.zeros(s_a, s_b, dtype=torch.bool, device=device)
     todo[torch.arange(s_a, device=device), bound.argmin(1)] = True
     todo[bound.argmin(0), torch.arange(s_b, device=device)] = True
     done = torch.zeros_like(todo)
-    threshold = None
+    bests = None
     while True:
         rows, cols = todo.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return values
-        limit = None if threshold is None else threshold[rows, cols]  # [P]
-        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, limit)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, bests)
         done[rows, cols] = True
-        best_a, best_b = values.amin(1), values.amin(0)  # [S_a], [S_b]
-        threshold = torch.maximum(best_a[:, None], best_b[None, :])  # [S_a, S_b]
-        todo = ~done & (bound < threshold)
+        bests = values.amin(1), values.amin(0)  # [S_a], [S_b]
+        todo = ~done & ((bound < bests[0][:, None]) | (bound < bests[1][None, :]))
 
 
 def opposing_span_minima(a: _Side, b: _Side, cfg: ShearConfig, epsilon: float,

@@ -5,7 +5,8 @@ import ot
 import pytest
 import torch
 
-from shear_verl.core.sinkhorn import _Tiling, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound
+from shear_verl.core.sinkhorn import (RunningMinima, _Tiling, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost,
+                                      w1_dual_bound)
 
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
@@ -155,15 +156,35 @@ def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tiled_threshold_stops_only_problems_proven_above_it(dtype):
+def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=13, dtype=dtype)
     ref = _pot(costs.double(), 0.3)
-    threshold = torch.full((tiles.shape[0],), float(np.median(ref)), dtype=dtype)
-    threshold[::5] = float("inf")  # no threshold: solved whatever its value
+    P = tiles.shape[0]
+    # Each problem is its own row and column; the known bests are the median, +inf for every 5th.
+    known = torch.full((P,), float(np.median(ref)), dtype=dtype)
+    known[::5] = float("inf")
+    minima = RunningMinima(torch.arange(P), torch.arange(P), known.clone(), known.clone())
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-7, max_iter=100_000,
-                                                                   threshold=threshold)
+                                                                   minima=minima)
     assert pruned.any() and not (solved & pruned).any() and (solved | pruned).all() and not capped.any()
     assert not pruned[::5].any()
-    assert (ref[pruned.numpy()] >= threshold[pruned].double().numpy()).all()  # W_eps really is >= the threshold
+    assert (ref[pruned.numpy()] >= known[pruned].double().numpy()).all()  # W_eps really is >= both bests
     assert torch.isnan(values[pruned]).all()
     np.testing.assert_allclose(values[solved].double().numpy(), ref[solved.numpy()], rtol=1e-5)
+    torch.testing.assert_close(minima.best_rows[solved], torch.minimum(known, values)[solved])  # lowered by solves
+
+
+def test_tiled_minima_found_in_the_batch_stop_the_others():
+    """All problems in one row and column, nothing known at the start: the first solved values become
+    the bests, and problems proved above them stop; the minimum is still exact."""
+    blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
+    ref = _pot(costs, 0.3)
+    P = tiles.shape[0]
+    minima = RunningMinima(torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long),
+                           torch.full((1,), float("inf"), dtype=torch.float64), torch.full((1,), float("inf"), dtype=torch.float64))
+    values, _, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-9, max_iter=100_000,
+                                                              minima=minima)
+    assert pruned.any() and (solved | pruned).all()
+    assert float(minima.best_rows[0]) == pytest.approx(ref.min(), rel=1e-6)
+    assert (ref[pruned.numpy()] >= ref.min()).all()
+    np.testing.assert_allclose(values[solved].numpy(), ref[solved.numpy()], rtol=1e-6)
