@@ -299,7 +299,9 @@ def _raise_dual_bound(tiling: _Tiling, blocks: torch.Tensor, tiles: torch.Tensor
     """
     f = epsilon * alpha.log()  # [P, L, g] row potentials, up to a constant
     soft = f.mean(dim=(1, 2)) - epsilon * k_t_alpha.log().mean(dim=(1, 2)) + shift  # [P]
-    torch.maximum(lower, torch.where(running, soft, lower), out=lower)
+    # Only where every K^T alpha is a normal number with full precision (not rounded to 0 or subnormal).
+    exact = k_t_alpha.amin(dim=(1, 2)) >= torch.finfo(k_t_alpha.dtype).tiny / torch.finfo(k_t_alpha.dtype).eps
+    torch.maximum(lower, torch.where(running & exact, soft, lower), out=lower)
     near = (running & ~hard & (lower < threshold) & (lower + _HARD_BOUND_REACH * epsilon >= threshold))
     near = near.nonzero().squeeze(1)
     if near.numel():

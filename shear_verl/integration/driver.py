@@ -145,6 +145,7 @@ def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[
         "shear/fallback_rollout_frac": float((real & ~in_mixed).sum()) / max(n_real, 1),
         "shear/sinkhorn_solves": col["sinkhorn_solves"],
         "shear/pruned_frac": col["pruned_pairs"] / max(col["candidate_pairs"], 1.0),
+        "shear/dual_pruned_frac": col["dual_pruned_pairs"] / max(col["candidate_pairs"], 1.0),
         "shear/capped_solves": col["capped_solves"],
         "shear/time_s": col["time_s"],
     }

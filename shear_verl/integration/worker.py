@@ -17,7 +17,7 @@ from shear_verl.integration.settings import ShearSettings
 
 WEIGHTS_KEY = "shear_weights"  # nested [b, response_len_i] float32
 STATS_KEY = "shear_stats"  # [b, len(STATS_COLUMNS)] float32; a group's totals sit on its first row
-STATS_COLUMNS = ("sinkhorn_solves", "candidate_pairs", "pruned_pairs", "capped_solves", "time_s")
+STATS_COLUMNS = ("sinkhorn_solves", "candidate_pairs", "pruned_pairs", "dual_pruned_pairs", "capped_solves", "time_s")
 
 
 def sequence_scores(rm_scores: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,6 @@ def compute_batch_weights(
             full = torch.zeros(k.shape[0], dtype=torch.float32, device=w.device)  # [L_i]
             full[k] = w
             weights[r] = full.to(hidden[r].device)
-        stats[members[0]] = torch.tensor(
-            [group_stats.sinkhorn_solves, group_stats.candidate_pairs, group_stats.pruned_pairs,
-             group_stats.capped_solves, time.perf_counter() - t0],
-            dtype=torch.float32,
-        )
+        counts = [getattr(group_stats, name) for name in STATS_COLUMNS[:-1]]  # the ShearStats counters
+        stats[members[0]] = torch.tensor(counts + [time.perf_counter() - t0], dtype=torch.float32)
     return weights, stats

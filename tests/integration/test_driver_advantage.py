@@ -54,7 +54,7 @@ def put_batch(tq, partition, uids, scores, resp_lens, weights):
     rm = [torch.zeros(n).index_fill_(0, torch.tensor([n - 1]), s) for n, s in zip(resp_lens, scores)]
     masks = [torch.ones(n, dtype=torch.int64) for n in resp_lens]
     stats = torch.zeros(len(uids), len(STATS_COLUMNS))
-    stats[0] = torch.tensor([10.0, 40.0, 30.0, 0.0, 0.5])
+    stats[0] = torch.tensor([10.0, 40.0, 30.0, 12.0, 0.0, 0.5])  # in STATS_COLUMNS order
     fields = TensorDict(
         {"response_mask": nested(masks), "rm_scores": nested(rm), WEIGHTS_KEY: nested(weights), STATS_KEY: stats},
         batch_size=len(uids),
@@ -100,6 +100,7 @@ def test_advantages_equal_grpo_times_weights(tq_session):
     assert metrics["shear/fallback_rollout_frac"] == pytest.approx(8 / 12)
     assert metrics["shear/sinkhorn_solves"] == 10.0
     assert metrics["shear/pruned_frac"] == pytest.approx(0.75)
+    assert metrics["shear/dual_pruned_frac"] == pytest.approx(0.3)
     w_correct = torch.cat([weights[0], weights[3]]).mean().item()
     assert metrics["shear/weight_mean_correct"] == pytest.approx(w_correct, rel=1e-5)
 

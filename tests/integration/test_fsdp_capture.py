@@ -16,7 +16,7 @@ from shear_verl.core import ShearConfig, group_token_weights
 from shear_verl.integration import patches
 from shear_verl.integration.driver import FLAG_KEY
 from shear_verl.integration.settings import ShearSettings
-from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY
+from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
 
 SETTINGS = ShearSettings(engine=ShearConfig(span_len=4, stride=2, epsilon=0.1), correct_threshold=0.5)
 
@@ -177,7 +177,7 @@ def test_worker_weights_equal_group_token_weights(engine_cls, tiny_qwen2, dynami
             torch.testing.assert_close(got[i][masks[i]], w, rtol=1e-3, atol=1e-5)
             assert torch.all(got[i][~masks[i]] == 0)
     stats = out["model_output"][STATS_KEY]
-    assert stats.shape == (len(LENGTHS), 5) and stats[:, 0].sum() > 0  # Sinkhorn problems were solved
+    assert stats.shape == (len(LENGTHS), len(STATS_COLUMNS)) and stats[:, 0].sum() > 0  # Sinkhorn problems were solved
 
 
 def test_offload_to_host_memory_gives_the_same_weights(engine_cls, tiny_qwen2):

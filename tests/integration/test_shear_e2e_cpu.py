@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SHEAR_METRICS = (
     "weight_mean", "weight_max", "weight_mean_correct", "weight_mean_incorrect", "mixed_group_frac",
-    "fallback_rollout_frac", "sinkhorn_solves", "pruned_frac", "capped_solves", "time_s",
+    "fallback_rollout_frac", "sinkhorn_solves", "pruned_frac", "dual_pruned_frac", "capped_solves", "time_s",
 )
 
 
