@@ -16,8 +16,9 @@ Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, flo
                extrapolated to all pairs (counting each unordered pair once, which favours POT:
                Algorithm 1's loop visits each pair from both sides).
   solves       transport problems solved (the POT loop solves every pair)
-  stopped      candidates the engine started but stopped after 8 iterations, their W1 dual bound
-               having reached the best value of both their spans (not counted in solves)
+  stopped      candidates the engine started but stopped at one of its checks (every 8 iterations),
+               their W1 dual bound having reached the best value of both their spans (not
+               counted in solves)
   rel.diff     engine vs no-prune: max relative difference of the token weights;
                engine solver vs POT: max relative difference of the sampled span distances.
   W1 floor     the least share of pairs ANY exact pruning with a bound <= W1 must solve (the
