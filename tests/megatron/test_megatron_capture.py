@@ -13,7 +13,7 @@ import torch
 from shear_verl.core import group_token_weights
 from shear_verl.integration.capture import HIDDEN_KEY
 from shear_verl.integration.settings import ShearSettings
-from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY
+from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
 
 LENGTHS = [(5, 9), (7, 3), (4, 12), (6, 6), (3, 8), (8, 2), (5, 11), (4, 7)]  # the worker's (prompt, response)
 
@@ -82,4 +82,4 @@ def check_tp_group(results):
             assert got[WEIGHTS_KEY][i].shape == masks[i].shape
             torch.testing.assert_close(got[WEIGHTS_KEY][i][masks[i]], w, rtol=1e-3, atol=1e-5)
             assert torch.all(got[WEIGHTS_KEY][i][~masks[i]] == 0)
-    assert got[STATS_KEY].shape == (len(LENGTHS), 5) and got[STATS_KEY][:, 0].sum() > 0
+    assert got[STATS_KEY].shape == (len(LENGTHS), len(STATS_COLUMNS)) and got[STATS_KEY][:, 0].sum() > 0
