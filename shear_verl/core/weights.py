@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -113,7 +113,6 @@ class _Side:
     sizes: list[int]
     first: list[int]  # global index of each rollout's first span
     owner: torch.Tensor  # [S] position in ``members`` of each span's rollout
-    local: torch.Tensor  # [S] span index within its rollout
     start: torch.Tensor  # [S] first token of each span
     length: torch.Tensor  # [S] tokens of each span
 
@@ -126,11 +125,10 @@ class _Side:
             first.append(first[-1] + c)
         device = states[0].device
         owner = torch.repeat_interleave(torch.arange(len(states), device=device), torch.tensor(counts, device=device))
-        local = torch.cat([torch.arange(c, device=device) for c in counts])
         sizes = [span_length(h.shape[0], cfg.span_len) for h in states]
         start = torch.tensor([st for ss in starts for st in ss], device=device)
         length = torch.tensor(sizes, device=device)[owner]
-        return cls(members, states, starts, sizes, first, owner, local, start, length)
+        return cls(members, states, starts, sizes, first, owner, start, length)
 
     @property
     def num_spans(self) -> int:
@@ -139,11 +137,6 @@ class _Side:
     def span_means(self, stride: int) -> torch.Tensor:
         """Mean hidden state of every span. [S, d]"""
         return torch.cat([window_reduce(h, 0, st, n, stride, "mean") for h, st, n in zip(self.states, self.starts, self.sizes)])
-
-    def span_index(self, i: int, local: torch.Tensor) -> torch.Tensor:
-        """Token indices of spans ``local`` of rollout i. [B, n_i]"""
-        starts = torch.tensor(self.starts[i], device=local.device)[local]
-        return starts[:, None] + torch.arange(self.sizes[i], device=local.device)
 
 
 class _TokenDistances:
@@ -183,28 +176,43 @@ def _pairs(a: _Side, b: _Side) -> list[tuple[int, int, slice, slice]]:
     ]
 
 
+def _pair_key(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The (correct rollout, incorrect rollout) pair of each span pair (rows[p], cols[p]), as one index. [P]"""
+    return a.owner[rows] * len(b.states) + b.owner[cols]
+
+
+def _by_rollout_pair(a: _Side, b: _Side, picked: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``picked`` (indices into rows/cols) reordered so that span pairs of one rollout pair are adjacent:
+    then a chunk of them is windows of few token-distance blocks. [k]"""
+    return picked[_pair_key(a, b, rows[picked], cols[picked]).argsort(stable=True)]
+
+
+def _rollout_pair_groups(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor,
+                         dist: _TokenDistances) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Span pairs (rows, cols), already grouped by rollout pair, one group at a time with the rollout
+    pair's token distances: yields (rows_k, cols_k, block [T_i, T_j] contiguous)."""
+    keys, counts = _pair_key(a, b, rows, cols).unique_consecutive(return_counts=True)
+    for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
+        yield r, c, dist(*divmod(key, len(b.states))).contiguous()
+
+
 def _span_costs(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances) -> torch.Tensor:
     """Cost matrices of the span pairs (rows[p], cols[p]), all of one shape, gathered from the
     token-distance blocks of their rollout pairs. [P, n, m]"""
-    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
+    pair_key = _pair_key(a, b, rows, cols)  # [P]
     in_order = bool((pair_key[1:] >= pair_key[:-1]).all())  # callers pass pairs grouped by rollout pair
     key_order = None if in_order else pair_key.argsort()
     if key_order is not None:
-        pair_key, rows, cols = pair_key[key_order], rows[key_order], cols[key_order]
-    keys, counts = pair_key.unique_consecutive(return_counts=True)
-    i0, j0 = divmod(int(keys[0]), len(b.states))
-    costs = a.states[0].new_empty(rows.shape[0], a.sizes[i0], b.sizes[j0])  # [P, n, m]
+        rows, cols = rows[key_order], cols[key_order]
+    n, m = int(a.length[rows[0]]), int(b.length[cols[0]])
+    costs = a.states[0].new_empty(rows.shape[0], n, m)  # [P, n, m]
     lo = 0
-    for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
-        i, j = divmod(key, len(b.states))
-        block = dist(i, j).contiguous()  # [T_i, T_j]
-        n, m, t_j = a.sizes[i], b.sizes[j], block.shape[1]
+    for r, c, block in _rollout_pair_groups(a, b, rows, cols, dist):
+        t_j = block.shape[1]
         # The n x m window starting at token pair (s, t) begins at flat offset s * T_j + t: a strided
         # view [offsets, n, m] of the block (no copy), from which index_select copies the windows.
         windows = block.as_strided((block.numel() - (n - 1) * t_j - (m - 1), n, m), (1, t_j, 1))
-        r_start = torch.tensor(a.starts[i], device=rows.device)[a.local[r]]  # [Pk]
-        c_start = torch.tensor(b.starts[j], device=rows.device)[b.local[c]]  # [Pk]
-        torch.index_select(windows, 0, r_start * t_j + c_start, out=costs[lo:lo + r.shape[0]])
+        torch.index_select(windows, 0, a.start[r] * t_j + b.start[c], out=costs[lo:lo + r.shape[0]])
         lo += r.shape[0]
     return costs if key_order is None else costs[key_order.argsort()]  # back to the order of (rows, cols)
 
@@ -215,13 +223,9 @@ def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, s
     of their rollout pairs' token-distance matrices: (blocks [NB, g, g], tiles [P, L, L] block ids).
     A block is named by its first token pair, so span pairs on the same grid (a final span has its
     own) share it, and it is copied once however many span pairs use it."""
-    pair_key = a.owner[rows] * len(b.states) + b.owner[cols]  # [P]
-    keys, counts = pair_key.unique_consecutive(return_counts=True)
     offsets = torch.arange(0, span_len, g, device=rows.device)  # [L] first token of each block in a span
     blocks, tiles, num_blocks = [], [], 0
-    for key, r, c in zip(keys.tolist(), rows.split(counts.tolist()), cols.split(counts.tolist())):
-        i, j = divmod(key, len(b.states))
-        block = dist(i, j).contiguous()  # [T_i, T_j]
+    for r, c, block in _rollout_pair_groups(a, b, rows, cols, dist):
         t_i, t_j = block.shape
         windows = block.as_strided((t_i - g + 1, t_j - g + 1, g, g), (t_j, 1, t_j, 1))  # g x g window at each token pair
         ids = (a.start[r][:, None, None] + offsets[None, :, None]) * t_j \
@@ -248,7 +252,7 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     picked = ((a.length[rows] == cfg.span_len) & (b.length[cols] == cfg.span_len)).nonzero().squeeze(1)
     if picked.numel() == 0:  # e.g. every rollout of one side is shorter than w
         return done
-    picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
+    picked = _by_rollout_pair(a, b, picked, rows, cols)
     # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): six
     # block-sized tensors (costs, kernel, its active copy, and the exponent, K * C, or the dual bound's
     # costs, their transpose and one slot's differences), two [blocks, L^2, g] products and the
@@ -279,14 +283,10 @@ def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
     rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, bests)
     rest = rest.nonzero().squeeze(1)
-    size_a = torch.tensor(a.sizes, device=rows.device)[a.owner[rows[rest]]]  # [R] n of each pair
-    size_b = torch.tensor(b.sizes, device=rows.device)[b.owner[cols[rest]]]  # [R] m of each pair
-    shape_key = size_a * (cfg.span_len + 1) + size_b
+    shape_key = a.length[rows[rest]] * (cfg.span_len + 1) + b.length[cols[rest]]  # [R] (n, m) of each pair
     for key in shape_key.unique().tolist():
         n, m = divmod(key, cfg.span_len + 1)
-        picked = rest[shape_key == key]  # [Pk]
-        # Grouped by rollout pair: each chunk's cost matrices are windows of few distance blocks.
-        picked = picked[(a.owner[rows[picked]] * len(b.states) + b.owner[cols[picked]]).argsort(stable=True)]
+        picked = _by_rollout_pair(a, b, rest[shape_key == key], rows, cols)  # [Pk]
         per_batch = max(1, batch_bytes // (n * m * values.element_size()) - _SOLVER_BLOCK_COPIES * DEFAULT_BLOCK)
         for chunk in picked.split(per_batch):
             costs = _span_costs(a, b, rows[chunk], cols[chunk], dist)  # [B, n, m]
