@@ -5,7 +5,7 @@
     python scripts/bench_weights.py --paper-scale  # one group of 8 x 3000 tokens x d=3584 in 1 GB
     python scripts/bench_weights.py --states groups.pt  # the same table on captured hidden states
 
-Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative, tol=1e-6, float32):
+Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative unless --epsilon, tol=1e-6, float32):
   engine       group_token_weights with exact pruning (the default)
   no-prune     the same engine solving every span pair (brute force)
   POT loop     the naive way, per span pair: M = ot.dist(x, y, metric="euclidean"), then
@@ -176,12 +176,13 @@ def main() -> None:
     parser.add_argument("--floor-samples", type=int, default=400, help="span pairs sampled for the W1 floor")
     parser.add_argument("--paper-scale", action="store_true", help="only the 8 x 3000 x 3584 memory case")
     parser.add_argument("--budget-mb", type=float, default=1024.0, help="memory_budget_mb for --paper-scale")
+    parser.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn eps in units of the group's mean norm")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.paper_scale:
         return paper_scale(args.seed, args.budget_mb)
 
-    cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
+    cfg = ShearConfig(span_len=100, stride=25, epsilon=args.epsilon)
     rng = random.Random(args.seed)
     cases = []  # (name, states, correct, seed)
     if args.states:

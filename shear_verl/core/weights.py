@@ -256,7 +256,8 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): six
     # block-sized tensors (costs, kernel, its active copy, and the exponent, K * C, or the dual bound's
     # costs, their transpose and one slot's differences), two [blocks, L^2, g] products and the
-    # [P, L, L, g] gather.
+    # [P, L, L, g] gather. The float64 retry of kernels outside float32's range takes a third of the
+    # problems at a time (2 x 6 / 3 units beside the float32 costs): within the same peak.
     per_problem = int((6 * g * g + 2 * L * L * g) / _MIN_SHARING) + L * L * g
     for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)

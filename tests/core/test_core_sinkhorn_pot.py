@@ -5,6 +5,7 @@ import ot
 import pytest
 import torch
 
+from shear_verl.core import sinkhorn as sinkhorn_module
 from shear_verl.core.sinkhorn import (RunningMinima, _Tiling, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost,
                                       w1_dual_bound)
 
@@ -115,12 +116,38 @@ def test_tiled_equals_pot_on_shared_blocks(omega):
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
-def test_tiled_float32_leaves_out_of_range_kernels_to_the_stabilised_solver():
+def _spy_dtypes(monkeypatch):
+    """Record (dtype, number of problems) of every pass of the tiled solver's iterations."""
+    calls, solve = [], sinkhorn_module._tiled_sinkhorn
+
+    def spy(blocks, tiles, *args):
+        calls.append((blocks.dtype, tiles.shape[0]))
+        return solve(blocks, tiles, *args)
+
+    monkeypatch.setattr(sinkhorn_module, "_tiled_sinkhorn", spy)
+    return calls
+
+
+def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch):
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 30.0  # (C - min C) / eps = 150 > 39: exp leaves float32 for the problems using block 0
+    costs = torch.stack([blocks[t].permute(0, 2, 1, 3).reshape(8, 8) for t in tiles])
     uses_block_0 = (tiles == 0).flatten(1).any(1)
+    calls = _spy_dtypes(monkeypatch)
     values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
-    assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any()
+    assert solved.all() and not capped.any() and values.dtype == torch.float32
+    assert calls == [(torch.float32, tiles.shape[0]), (torch.float64, int(uses_block_0.sum()))]
+    np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
+
+
+def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monkeypatch):
+    blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
+    blocks[0, 1, 2] += 100.0  # (C - min C) / eps = 500 > 318: beyond float64's range too
+    uses_block_0 = (tiles == 0).flatten(1).any(1)
+    calls = _spy_dtypes(monkeypatch)
+    values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
+    assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any() and not pruned.any()
+    assert [dtype for dtype, _ in calls] == [torch.float32, torch.float64]
     np.testing.assert_allclose(values[solved].double().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
 
 
