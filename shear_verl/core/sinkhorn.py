@@ -285,7 +285,8 @@ class RunningMinima:
         return torch.maximum(self.best_rows[self.rows[problems]], self.best_cols[self.cols[problems]])
 
     def update(self, problems: torch.Tensor, values: torch.Tensor) -> None:
-        # Rounding to the bests' dtype is monotone, so a bound >= a rounded best is >= the rounded value.
+        # float64 values into float32 bests: rounding is monotone, so a value >= a rounded best (the
+        # only kind the dual bound stops) still rounds to >= it and could not have lowered it.
         values = values.to(self.best_rows.dtype)
         self.best_rows.scatter_reduce_(0, self.rows[problems], values, "amin")
         self.best_cols.scatter_reduce_(0, self.cols[problems], values, "amin")
@@ -335,8 +336,8 @@ def tiled_sinkhorn_transport_cost(
     kernel entries stay far inside the dtype's range: (C - min C)/eps <= 0.45 * -log(tiny), and its
     scalings are checked to stay inside exp(+-0.9 * log(max)) (every ``check_every`` iterations).
     float32's range holds costs spread over 39 eps: on a trained LM's span problems (spread up to
-    ~1.6 in units of the mean norm) that fails below eps ~ 0.04 relative, where the paper's raw
-    eps ~ 4.5 may well land. Such problems are solved again with the same shared blocks in float64
+    ~1.6 in units of the mean norm) that fails below eps ~ 0.04 relative, which the paper's raw
+    eps ~ 4.5 reaches if the model's mean hidden-state norm exceeds ~110. Such problems are solved again with the same shared blocks in float64
     (range 318 eps), a third of them at a time (float64 doubles every tensor), values returned in
     the blocks' dtype. A problem outside float64's range too is not solved: ``solved`` is False and
     the caller gives it to ``sinkhorn_transport_cost``.

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from shear_verl.core import ShearConfig
 from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, uid_of_key
 from shear_verl.integration.estimator import pending_weights
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
@@ -102,9 +103,29 @@ def compute_advantage(trainer, orig, batch, metrics):
     scores = sequence_scores(padded.batch["rm_scores"])  # [B], as the workers decided correctness
     stats = padded.batch[STATS_KEY].float()  # [B, S]
     metrics.update(shear_metrics(weights, mask, scores, uids, stats, trainer._shear_settings.correct_threshold))
+    warning = capped_warning(metrics, trainer._shear_settings.engine)
+    if warning is not None and not getattr(trainer, "_shear_warned_capped", False):
+        trainer._shear_warned_capped = True  # once per run: shear/capped_solves is logged every step
+        logger.warning(warning)
     with pending_weights(weights, uids):
         out = orig(batch, metrics)
     return strip_shear_fields(out)
+
+
+# Share of a step's Sinkhorn solves that may stop at max_iter before a warning (a few slow problems
+# per group are normal at eps = 0.05; many mean the span distances are not converged).
+CAPPED_WARN_FRAC = 0.01
+
+
+def capped_warning(metrics: dict[str, float], engine: ShearConfig) -> str | None:
+    """A message when more than CAPPED_WARN_FRAC of the step's solves hit max_iter, naming the knobs."""
+    capped, solves = metrics["shear/capped_solves"], metrics["shear/sinkhorn_solves"]
+    if solves <= 0 or capped <= CAPPED_WARN_FRAC * solves:
+        return None
+    return (f"SHEAR: {capped:.0f} of {solves:.0f} Sinkhorn solves this step reached max_iter={engine.max_iter} before "
+            f"their marginal error fell below tol={engine.tol:g}, so their span distances are not converged "
+            f"(epsilon={engine.epsilon:g} {engine.epsilon_mode}: smaller eps converges more slowly). Raise "
+            "algorithm.shear.max_iter, or epsilon; shear/capped_solves counts them every step.")
 
 
 def strip_shear_fields(batch):

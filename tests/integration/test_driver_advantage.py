@@ -48,13 +48,13 @@ def make_trainer():
     return trainer
 
 
-def put_batch(tq, partition, uids, scores, resp_lens, weights):
+def put_batch(tq, partition, uids, scores, resp_lens, weights, capped=0.0):
     keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
     nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
     rm = [torch.zeros(n).index_fill_(0, torch.tensor([n - 1]), s) for n, s in zip(resp_lens, scores)]
     masks = [torch.ones(n, dtype=torch.int64) for n in resp_lens]
     stats = torch.zeros(len(uids), len(STATS_COLUMNS))
-    stats[0] = torch.tensor([10.0, 40.0, 30.0, 12.0, 0.0, 0.5])  # in STATS_COLUMNS order
+    stats[0] = torch.tensor([10.0, 40.0, 30.0, 12.0, capped, 0.5])  # in STATS_COLUMNS order
     fields = TensorDict(
         {"response_mask": nested(masks), "rm_scores": nested(rm), WEIGHTS_KEY: nested(weights), STATS_KEY: stats},
         batch_size=len(uids),
@@ -75,7 +75,7 @@ def grpo_reference(scores, uids, eps=1e-6):
     return out
 
 
-def test_advantages_equal_grpo_times_weights(tq_session):
+def test_advantages_equal_grpo_times_weights(tq_session, caplog):
     tq = tq_session
     g = torch.Generator().manual_seed(1)
     uids = ["mixed"] * 4 + ["allright"] * 4 + ["allwrong"] * 4
@@ -103,6 +103,21 @@ def test_advantages_equal_grpo_times_weights(tq_session):
     assert metrics["shear/dual_pruned_frac"] == pytest.approx(0.3)
     w_correct = torch.cat([weights[0], weights[3]]).mean().item()
     assert metrics["shear/weight_mean_correct"] == pytest.approx(w_correct, rel=1e-5)
+    assert metrics["shear/capped_solves"] == 0.0 and "max_iter" not in caplog.text
+
+
+def test_capped_solves_warn_once_with_the_knobs(tq_session, caplog):
+    tq = tq_session
+    uids, scores, resp_lens = ["g"] * 4, [1.0, 0.0, 0.0, 1.0], [5, 7, 3, 6]
+    trainer = make_trainer()
+    for step, capped in enumerate((3.0, 3.0)):  # 3 of 10 solves capped, twice
+        meta = put_batch(tq, f"cap{step}", uids, scores, resp_lens, [torch.ones(n) for n in resp_lens], capped=capped)
+        metrics = {}
+        trainer._compute_advantage(meta, metrics)
+        assert metrics["shear/capped_solves"] == 3.0
+    warnings = [r.getMessage() for r in caplog.records if "max_iter" in r.getMessage()]
+    assert len(warnings) == 1  # once per run
+    assert "3 of 10 Sinkhorn solves" in warnings[0] and "algorithm.shear.max_iter" in warnings[0]
 
 
 def test_missing_weights_raise_with_the_reason(tq_session):
