@@ -35,8 +35,8 @@ prototype plus context noise of comparable size. Incorrect rollouts leave the sh
 way through. `--iid` uses i.i.d. Gaussian states instead: no structure, so no bound can prune.
 
 The engine's solves are the tiled solver's (span pairs share the kernels of 25 x 25 token blocks),
-except pruning's first "seed" pairs, too scattered to share blocks, which go to the per-problem
-solver.
+except pruning's first "seed" pairs where they are too scattered to share blocks, which go to the
+per-problem solver.
 
 Caveat on pruning: the context noise is isotropic and as large as the prototypes, so in d >= 256
 all span-to-span distances concentrate (W_eps of a span against its candidates differ by a few
