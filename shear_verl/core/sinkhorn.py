@@ -337,10 +337,10 @@ def tiled_sinkhorn_transport_cost(
     scalings are checked to stay inside exp(+-0.9 * log(max)) (every ``check_every`` iterations).
     float32's range holds costs spread over 39 eps: on a trained LM's span problems (spread up to
     ~1.6 in units of the mean norm) that fails below eps ~ 0.04 relative, which the paper's raw
-    eps ~ 4.5 reaches if the model's mean hidden-state norm exceeds ~110. Such problems are solved again with the same shared blocks in float64
-    (range 318 eps), a third of them at a time (float64 doubles every tensor), values returned in
-    the blocks' dtype. A problem outside float64's range too is not solved: ``solved`` is False and
-    the caller gives it to ``sinkhorn_transport_cost``.
+    eps ~ 4.5 reaches if the model's mean hidden-state norm exceeds ~110. Such problems are solved
+    again with the same shared blocks in float64 (range 318 eps), a third of them at a time (float64
+    doubles every tensor), values returned in the blocks' dtype. A problem outside float64's range
+    too is not solved: ``solved`` is False and the caller gives it to ``sinkhorn_transport_cost``.
 
     minima (optional): the caller needs only row and column minima of the problems' values. At every
     check the solved problems lower those minima, and a running problem whose W1 dual bound from its
