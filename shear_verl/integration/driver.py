@@ -113,7 +113,9 @@ def compute_advantage(trainer, orig, batch, metrics):
 
 
 # Share of a step's Sinkhorn solves that may stop at max_iter before a warning (a few slow problems
-# per group are normal at eps = 0.05; many mean the span distances are not converged).
+# per group are normal at eps = 0.05; at eps = 0.02 over half of a trained LM's solves were capped,
+# yet 2000 iterations gave values within 5.3e-6 of converged ones on 60 of its span problems: the
+# warning says what precision is lost, not that the weights are wrong).
 CAPPED_WARN_FRAC = 0.01
 
 
@@ -123,9 +125,9 @@ def capped_warning(metrics: dict[str, float], engine: ShearConfig) -> str | None
     if solves <= 0 or capped <= CAPPED_WARN_FRAC * solves:
         return None
     return (f"SHEAR: {capped:.0f} of {solves:.0f} Sinkhorn solves this step reached max_iter={engine.max_iter} before "
-            f"their marginal error fell below tol={engine.tol:g}, so their span distances are not converged "
-            f"(epsilon={engine.epsilon:g} {engine.epsilon_mode}: smaller eps converges more slowly). Raise "
-            "algorithm.shear.max_iter, or epsilon; shear/capped_solves counts them every step.")
+            f"their marginal error fell below tol={engine.tol:g}: those span distances are less exact than tol asks "
+            f"(epsilon={engine.epsilon:g} {engine.epsilon_mode}; smaller eps converges more slowly). Raise "
+            "algorithm.shear.max_iter for full precision, or epsilon; shear/capped_solves counts them every step.")
 
 
 def strip_shear_fields(batch):
