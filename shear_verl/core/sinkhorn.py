@@ -351,6 +351,10 @@ def tiled_sinkhorn_transport_cost(
     Returns (values [P], capped [P] bool, solved [P] bool, pruned [P] bool); values are NaN where
     not solved or pruned.
     """
+    L = tiles.shape[1]
+    position = tiles * (L * L) + torch.arange(L * L, device=tiles.device).view(L, L)  # [P, L, L]
+    if torch.unique(position).shape[0] != position.numel():
+        raise ValueError("tiled Sinkhorn: two problems use the same block at the same tile position")
     values, capped, solved, pruned = _tiled_sinkhorn(blocks, tiles, epsilon, tol, max_iter, omega, check_every, minima)
     rest = (~(solved | pruned)).nonzero().squeeze(1)
     if rest.numel() == 0 or blocks.dtype == torch.float64:
@@ -369,7 +373,7 @@ def _tiled_sinkhorn(
     blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int, omega: float,
     check_every: int, minima: RunningMinima | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``tiled_sinkhorn_transport_cost`` in the blocks' dtype, without the float64 retry."""
+    """``tiled_sinkhorn_transport_cost`` in the blocks' dtype, without the input check and the float64 retry."""
     P, L, _ = tiles.shape
     g = blocks.shape[1]
     device, dtype = blocks.device, blocks.dtype
@@ -379,9 +383,6 @@ def _tiled_sinkhorn(
     pruned = torch.zeros(P, dtype=torch.bool, device=device)
     if P == 0:
         return values, capped, solved, pruned
-    position = tiles * (L * L) + torch.arange(L * L, device=device).view(L, L)  # [P, L, L]
-    if torch.unique(position).shape[0] != position.numel():
-        raise ValueError("tiled Sinkhorn: two problems use the same block at the same tile position")
     a = b = 1.0 / (L * g)
     info = torch.finfo(dtype)
     exponent_limit = 0.45 * -math.log(info.tiny)
