@@ -62,8 +62,9 @@ _MIN_TILE = 16
 # other candidates starts from. On a trained LM's states 4 gave 2-3 points fewer solves and 3-9 %
 # less time than 1 (8 and 16: slower; synthetic states: no difference).
 _SEEDS_PER_SPAN = 4
-# Least mean fraction of a block's (w/g)^2 tile positions in use for the tiled solver: below it, its
-# block products are mostly empty slots and the per-problem solver is faster (e.g. pruning's seeds).
+# Least mean fraction of a block's (w/g)^2 tile positions in use for the tiled solver: below it, most
+# block products have one or two rows and the per-problem solver is faster (e.g. pruning's seeds; on
+# a trained LM's states 0.15 and 1/16 were 3-15 % slower).
 _MIN_SHARING = 0.25
 
 
@@ -259,10 +260,11 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     picked = _by_rollout_pair(a, b, picked, rows, cols)
     # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): six
     # block-sized tensors (costs, kernel, its active copy, and the exponent, K * C, or the dual bound's
-    # costs, their transpose and one slot's differences), two [blocks, L^2, g] products and the
-    # [P, L, L, g] gather. The float64 retry of kernels outside float32's range takes a third of the
-    # problems at a time (2 x 6 / 3 units beside the float32 costs): within the same peak.
-    per_problem = int((6 * g * g + 2 * L * L * g) / _MIN_SHARING) + L * L * g
+    # costs, their transpose and one slot's differences), two [slots, g] products (slots < 2 P L^2,
+    # ``_Tiling``'s packing) and the [P, L, L, g] gather. The float64 retry of kernels outside
+    # float32's range takes a third of the problems at a time (2 x 6 / 3 units beside the float32
+    # costs): within the same peak.
+    per_problem = int(6 * g * g / _MIN_SHARING) + 2 * (2 * L * L * g) + L * L * g
     for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
         if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:

@@ -157,10 +157,19 @@ def test_tiled_reports_capped_problems():
     assert capped.all() and solved.all()
 
 
-def test_tiled_rejects_two_problems_on_one_block_position():
-    blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=11)
-    with pytest.raises(ValueError, match="same block at the same tile position"):
-        tiled_sinkhorn_transport_cost(blocks, torch.cat([tiles[:1], tiles[:1]]), 0.3, 1e-6, 100)
+def test_tiled_packs_any_number_of_users_per_block():
+    # 1, 2, 3, 5, 9 or 20 users of a block: every slot bucket of the packed layout (1 to 32 slots),
+    # including problems repeated and a block used at several positions of one problem.
+    blocks, tiles, costs = _grid_tiling(16, 20, 4, 2, 3, seed=11)
+    repeat = torch.tensor([0] * 20 + [1] * 4 + [5] * 2 + [7])
+    odd = torch.tensor([[[3, 3], [3, 0]]])  # block 3 at three positions of one problem
+    tiles = torch.cat([tiles[repeat], odd])
+    costs = torch.cat([costs[repeat], blocks[odd[0]].permute(0, 2, 1, 3).reshape(1, 8, 8)])
+    tiling = _Tiling(tiles)
+    assert sorted({size for _, _, size, _ in tiling.buckets}) == [1, 2, 4, 8, 32]
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000)
+    assert solved.all() and not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
 def _exact_w1(costs):
