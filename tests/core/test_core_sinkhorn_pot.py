@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from shear_verl.core import sinkhorn as sinkhorn_module
-from shear_verl.core.sinkhorn import (RunningMinima, _Tiling, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost,
-                                      w1_dual_bound)
+from shear_verl.core.sinkhorn import (RunningMinima, _Tiling, adapt_relaxation, sinkhorn_transport_cost,
+                                      tiled_sinkhorn_transport_cost, w1_dual_bound)
 
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
@@ -75,6 +75,33 @@ def test_over_relaxation_keeps_the_fixed_point(omega):
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.1), rtol=1e-6)
 
 
+def _sor_rate(eta, omega):
+    """Young's SOR eigenvalue for omega below the optimum: sqrt(lambda) = (omega mu + sqrt(omega^2 mu^2
+    - 4 (omega - 1))) / 2 with mu^2 = eta, the plain (Gauss-Seidel, here Sinkhorn) rate."""
+    mu = eta ** 0.5
+    return ((omega * mu + (omega**2 * eta - 4 * (omega - 1)) ** 0.5) / 2) ** 2
+
+
+def test_adapt_relaxation_sets_youngs_optimal_factor():
+    eta = torch.tensor([0.95, 0.9, 0.999, 0.5], dtype=torch.float64)  # plain Sinkhorn's local rates
+    omega = torch.tensor([1.6, 1.3, 1.6, 1.6], dtype=torch.float64)[:, None, None]
+    rate = torch.tensor([_sor_rate(e, w) if w < 2 / (1 + (1 - e) ** 0.5) else w - 1
+                         for e, w in zip(eta.tolist(), omega.view(-1).tolist())], dtype=torch.float64)
+    last = torch.full((4,), 1e-2, dtype=torch.float64)
+    new = adapt_relaxation(omega, last * rate**8, last, 8).view(-1)
+    optimal = 2 / (1 + (1 - eta).sqrt())
+    torch.testing.assert_close(new[:2], optimal[:2])  # 1.634, 1.520
+    assert new[2] == 1.9  # omega* = 1.94, capped
+    assert new[3] == 1.6  # 1.6 is above omega* = 1.17 already: kept (the error falls at omega - 1)
+
+
+def test_adapt_relaxation_falls_back_to_plain_sinkhorn_for_good():
+    omega = torch.tensor([1.6, 1.6, 1.0, 1.6], dtype=torch.float64)[:, None, None]
+    last = torch.tensor([1e-3, 1e-3, 1e-3, float("inf")], dtype=torch.float64)
+    err = torch.tensor([2.5e-3, 1.5e-3, 1e-4, 1e-3], dtype=torch.float64)  # diverging; oscillating; plain; first check
+    assert adapt_relaxation(omega, err, last, 8).view(-1).tolist() == [1.0, 1.6, 1.0, 1.6]
+
+
 @pytest.mark.parametrize("block", [1, 3, 64])
 def test_blocking_and_refill_give_the_same_values(block):
     costs = _costs(10, 9, 13, 3, seed=5)  # 10 problems through blocks of 1 and 3 (refilled) or one block
@@ -108,12 +135,17 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("omega", [1.0, 1.6])
-def test_tiled_equals_pot_on_shared_blocks(omega):
+def test_tiled_equals_pot_on_shared_blocks(omega, monkeypatch):
+    factors, adapt = [], sinkhorn_module.adapt_relaxation
+    monkeypatch.setattr(sinkhorn_module, "adapt_relaxation", lambda *args: factors.append(adapt(*args)) or factors[-1])
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
                                                                    omega=omega)
     assert solved.all() and not capped.any() and not pruned.any()
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
+    # omega = 1 is POT's plain iterations throughout; from 1.6 the factors were adapted on the way.
+    largest = max(float(f.max()) for f in factors)
+    assert largest == 1.0 if omega == 1.0 else largest > 1.6
 
 
 def _spy_dtypes(monkeypatch):
