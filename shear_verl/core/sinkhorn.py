@@ -31,8 +31,9 @@ Speed by design (the fixed point is unchanged; only the path to it and when it i
   than doubled between two checks continues with omega = 1 for good (plain Sinkhorn, whose
   convergence is guaranteed). Because a relaxed u-step leaves the rows inexact, the stopping test
   requires both marginal errors < tol (POT's test is the columns only, its rows being exact).
-- Mat-vecs as a broadcast multiply into a reused buffer plus a sum: ~2x faster than bmm on CPU
-  (its one-row products have a high per-problem overhead).
+- Mat-vecs as row-vector products (bmm of [k, 1, n] by [k, n, m]) with a transposed copy of the
+  kernel for K beta: on CPU a column-vector bmm ([k, n, m] by [k, m, 1]) was ~7x and a broadcast
+  multiply plus a sum ~2.6x slower (64 problems of 100 x 100).
 
 ``tiled_sinkhorn_transport_cost`` runs the same iterations on problems whose cost matrices share
 blocks (SHEAR's overlapping spans): each block's kernel is built once and multiplied by all the
@@ -95,16 +96,14 @@ def _cycle_length(n: int, m: int, omega: float = 1.0) -> int:
     return max(1, int(_MAX_LOG_SCALING // (omega * math.log(max(n, m, 2)))))
 
 
-def _k_t_alpha(kernel: torch.Tensor, alpha: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """K^T alpha per problem: [k, n, m], [k, 1, n] -> [k, m, 1]. A broadcast multiply into a reused
-    buffer and a sum: about twice as fast on CPU as bmm, whose one-row products have a high
-    per-problem overhead, and no fresh allocation (page faults) per iteration."""
-    return torch.mul(kernel, alpha.transpose(1, 2), out=buf).sum(1).unsqueeze(2)
+def _k_t_alpha(kernel: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """K^T alpha per problem: [k, n, m], [k, 1, n] -> [k, m, 1], as the row product alpha^T K."""
+    return torch.bmm(alpha, kernel).transpose(1, 2)
 
 
-def _k_beta(kernel: torch.Tensor, beta: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """K beta per problem: [k, n, m], [k, m, 1] -> [k, 1, n]."""
-    return torch.mul(kernel, beta.transpose(1, 2), out=buf).sum(2).unsqueeze(1)
+def _k_beta(kernel_t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """K beta per problem from K^T ([k, m, n], contiguous), [k, m, 1] -> [k, 1, n], as beta^T K^T."""
+    return torch.bmm(beta.transpose(1, 2), kernel_t)
 
 
 def sinkhorn_transport_cost(
@@ -160,20 +159,20 @@ def sinkhorn_transport_cost(
     relax = kernel.new_full((k, 1, 1), omega)
     last_err = kernel.new_full((k,), math.inf)
     iters = torch.ones(k, dtype=torch.long, device=device)  # the log-domain step counts as one
-    buf = torch.empty_like(kernel)
-    k_beta = _k_beta(kernel, beta, buf)  # [k, 1, n]
+    kernel_t = kernel.transpose(1, 2).contiguous()  # [k, m, n]
+    k_beta = _k_beta(kernel_t, beta)  # [k, 1, n]
     while True:
         # Run to the next check: `cycle` iterations, or fewer if a problem reaches max_iter sooner.
         # Over-relaxed scaling steps: beta <- beta (b / col)^omega, alpha <- alpha (a / row)^omega
         # (log domain: v <- v + omega (v_sinkhorn - v)); omega = 1 is POT's step.
         steps = max(0, min(cycle, max_iter - int(iters.max())))
         for _ in range(steps):
-            k_t_alpha = _k_t_alpha(kernel, alpha, buf)
+            k_t_alpha = _k_t_alpha(kernel, alpha)
             beta = beta * (b / (beta * k_t_alpha)).pow_(relax)
-            k_beta = _k_beta(kernel, beta, buf)
+            k_beta = _k_beta(kernel_t, beta)
             alpha = alpha * (a / (alpha * k_beta)).pow_(relax)
         iters += steps
-        k_t_alpha = _k_t_alpha(kernel, alpha, buf)  # [k, m, 1]
+        k_t_alpha = _k_t_alpha(kernel, alpha)  # [k, m, 1]
         # Marginal errors of diag(alpha) K diag(beta): columns (POT's test), and rows, which are
         # exact after a plain u-step but not after an over-relaxed one.
         err = torch.maximum(torch.linalg.vector_norm(k_t_alpha * beta - b, dim=(1, 2)),
@@ -195,6 +194,7 @@ def sinkhorn_transport_cost(
                 problems = torch.arange(queue, queue + refill, device=device)
                 queue += refill
                 neg[r], u[r], v[r], kernel[r] = start(problems)
+                kernel_t[r] = kernel[r].transpose(1, 2)
                 slot[r], alpha[r], beta[r], relax[r], last_err[r], iters[r] = problems, 1.0, 1.0, omega, math.inf, 1
                 k_t_alpha[r] = kernel[r].sum(1).unsqueeze(2)  # K^T 1
             if refill < d.shape[0]:  # queue exhausted: drop the slots left empty
@@ -206,10 +206,10 @@ def sinkhorn_transport_cost(
                 slot, neg, u, v, kernel = slot[keep], neg[keep], u[keep], v[keep], kernel[keep]
                 alpha, beta, relax, last_err, iters = alpha[keep], beta[keep], relax[keep], last_err[keep], iters[keep]
                 k_t_alpha = k_t_alpha[keep]
-                buf = torch.empty_like(kernel)
+                kernel_t = kernel_t[keep]
         # Continue: the v-step of the next iteration reuses k_t_alpha.
         beta = beta * (b / (beta * k_t_alpha)).pow_(relax)
-        k_beta = _k_beta(kernel, beta, buf)
+        k_beta = _k_beta(kernel_t, beta)
         alpha = alpha * (a / (alpha * k_beta)).pow_(relax)
         iters += 1
         # Absorb scalings that grew large into the kernel (log-domain stabilisation).
@@ -221,8 +221,9 @@ def sinkhorn_transport_cost(
             u[o] += log_alpha[o, 0]
             v[o] += log_beta[o, :, 0]
             kernel[o] = torch.add(neg[o], u[o, :, None]).add_(v[o, None, :]).exp_()
+            kernel_t[o] = kernel[o].transpose(1, 2)
             alpha[o], beta[o] = 1.0, 1.0
-            k_beta = _k_beta(kernel, beta, buf)
+            k_beta = _k_beta(kernel_t, beta)
     return values, capped
 
 

@@ -50,7 +50,7 @@ from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts
 _METRICS_WITH_UNITS = ("sinkhorn", "w1", "chamfer")
 _PRUNABLE_METRICS = ("sinkhorn", "w1")
 # The per-problem path holds the gathered costs [B, n, m]; the Sinkhorn solver adds, for the
-# DEFAULT_BLOCK problems it iterates at once, -C/eps, the kernel, a product buffer and the
+# DEFAULT_BLOCK problems it iterates at once, -C/eps, the kernel, its transpose and the
 # temporaries of its first step and of the final <P, C>: 5 more n*m per problem of the block.
 _SOLVER_BLOCK_COPIES = 5
 # cdist's temporaries besides its [T_x, T_y] output (the x @ y^T product; the norms are small).
