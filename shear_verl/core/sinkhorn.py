@@ -362,7 +362,7 @@ class RunningMinima:
         self.best_cols.scatter_reduce_(0, self.cols[problems], values, "amin")
 
 
-def _raise_dual_bound(tiling: _Tiling, blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor,
+def _raise_dual_bound(blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor,
                       k_t_alpha: torch.Tensor, epsilon: float, shift: torch.Tensor, threshold: torch.Tensor,
                       lower: torch.Tensor, hard: torch.Tensor, running: torch.Tensor) -> None:
     """Raise the W1 lower bounds ``lower`` [P] of the running problems with f = eps log alpha (in place).
@@ -497,7 +497,7 @@ def _tiled_sinkhorn(
                 minima.update(active[fin], values[active[fin]])
         if minima is not None:
             threshold = minima.threshold(active)  # [P_act]
-            _raise_dual_bound(tiling, blocks, tiles[active], alpha, k_t_alpha, epsilon, shift, threshold, lower,
+            _raise_dual_bound(blocks, tiles[active], alpha, k_t_alpha, epsilon, shift, threshold, lower,
                               hard, ~done)
             cut = ~done & (lower >= threshold)
             pruned[active[cut]] = True
