@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from shear_verl.core import sinkhorn as sinkhorn_module
-from shear_verl.core.sinkhorn import (RunningMinima, _Tiling, adapt_relaxation, sinkhorn_transport_cost,
-                                      tiled_sinkhorn_transport_cost, w1_dual_bound)
+from shear_verl.core.sinkhorn import (RunningMinima, _kernel_products, _Tiling, adapt_relaxation,
+                                      sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound)
 
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
@@ -146,6 +146,26 @@ def test_tiled_equals_pot_on_shared_blocks(omega, monkeypatch):
     # omega = 1 is POT's plain iterations throughout; from 1.6 the factors were adapted on the way.
     largest = max(float(f.max()) for f in factors)
     assert largest == 1.0 if omega == 1.0 else largest > 1.6
+
+
+@pytest.mark.parametrize("step", [1, 20])  # 80 problems: through _Tiling; 4: written out (2 P L^2 <= 120 blocks)
+def test_kernel_products_equal_the_written_out_matrices(step, monkeypatch):
+    tilings = []
+    monkeypatch.setattr(sinkhorn_module, "_Tiling", lambda t: tilings.append(t) or _Tiling(t))
+    blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=13)  # 120 blocks
+    tiles, kernels = tiles[::step], torch.exp(-costs[::step] / 0.5)  # [P, 12, 12]
+    k_mul, kt_mul = _kernel_products(tiles, torch.exp(-blocks / 0.5))
+    assert len(tilings) == (step == 1)
+    v = torch.rand(tiles.shape[0], 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(k_mul(v).flatten(1), torch.einsum("pij,pj->pi", kernels, v.flatten(1)))
+    torch.testing.assert_close(kt_mul(v).flatten(1), torch.einsum("pij,pi->pj", kernels, v.flatten(1)))
+
+
+def test_tiled_equals_pot_on_written_out_kernels():
+    blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles[::20], 0.3, tol=1e-12, max_iter=100_000)
+    assert solved.all() and not capped.any()
+    np.testing.assert_allclose(values.numpy(), _pot(costs[::20], 0.3), rtol=1e-6)
 
 
 def _spy_dtypes(monkeypatch):
