@@ -27,7 +27,7 @@ Speed by design (the fixed point is unchanged; only the path to it and when it i
   omega = 1.7 to start with: same fixed point, ~4x fewer iterations on SHEAR's span problems. At
   every check each problem's factor is raised towards the SOR optimum its observed convergence
   rate implies (``adapt_relaxation``), which shortens the tail of slow problems (on a trained LM's
-  span problems: 99 % quantile of the iterations 248 -> 96-160); one whose marginal error more
+  span problems: 99 % quantile of the iterations 224-456 -> 96-160); one whose marginal error more
   than doubled between two checks continues with omega = 1 for good (plain Sinkhorn, whose
   convergence is guaranteed). Because a relaxed u-step leaves the rows inexact, the stopping test
   requires both marginal errors < tol (POT's test is the columns only, its rows being exact).
