@@ -254,19 +254,16 @@ class _Tiling:
         used, local = torch.unique(tiles, return_inverse=True)  # [nb], [P, L, L]
         local = local.reshape(-1)  # [P*L*L] block of each tile position (p, r, c)
         users = torch.bincount(local, minlength=used.shape[0])  # [nb]
-        slots = torch.ones_like(users)
-        while bool((slots < users).any()):
-            slots = torch.where(slots < users, 2 * slots, slots)  # [nb] next power of two >= users
+        # [nb] next power of two >= users (log2 in float64 is exact at powers of two)
+        slots = torch.exp2(torch.log2(users.double()).ceil_()).long()
         by_bucket = slots.argsort(stable=True)  # blocks in bucket order: one GEMM per bucket
         self.used = used[by_bucket]  # [nb]
         slots = slots[by_bucket]
         base = slots.cumsum(0) - slots  # [nb] first slot of each block
         sizes, counts = slots.unique_consecutive(return_counts=True)
-        self.buckets = []  # (first block, blocks, slots per block, first slot) of each bucket
-        first = 0
-        for size, count in zip(sizes.tolist(), counts.tolist()):
-            self.buckets.append((first, count, size, int(base[first])))
-            first += count
+        firsts = counts.cumsum(0) - counts  # first block of each bucket
+        # (first block, blocks, slots per block, first slot) of each bucket
+        self.buckets = list(zip(firsts.tolist(), counts.tolist(), sizes.tolist(), base[firsts].tolist()))
         self.num_slots = int(slots.sum())
         rank_of = torch.empty_like(by_bucket)
         rank_of[by_bucket] = torch.arange(by_bucket.shape[0], device=device)
