@@ -37,8 +37,8 @@ class ShearConfig:
     epsilon_mode="relative" (weights then do not depend on the model's hidden-state scale), in raw
     hidden-state units when "absolute" (the paper's eps ~= 4.5 for Qwen2.5-Math-7B).
     tol is the Sinkhorn stopping threshold on the L2 errors of both marginals (POT's stopThr tests
-    the columns, its rows being exact; over-relaxed rows are not); max_iter caps the iterations, and
-    capped problems are counted in ShearStats.
+    the columns, its rows being exact; over-relaxed or accelerated rows are not); max_iter caps the
+    iterations, and capped problems are counted in ShearStats.
     memory_budget_mb bounds the engine's working memory (distance blocks + solver batches), not
     the caller's input tensors, nor their copy in compute_dtype when they come in another dtype
     (e.g. bf16 states on a GPU).

@@ -35,9 +35,15 @@ Speed by design (the fixed point is unchanged; only the path to it and when it i
   kernel for K beta: on CPU a column-vector bmm ([k, n, m] by [k, m, 1]) was ~7x and a broadcast
   multiply plus a sum ~2.6x slower (64 problems of 100 x 100).
 
-``tiled_sinkhorn_transport_cost`` runs the same iterations on problems whose cost matrices share
-blocks (SHEAR's overlapping spans): each block's kernel is built once and multiplied by all the
-scaling vectors that need it as one small GEMM, instead of one copied kernel per problem.
+``tiled_sinkhorn_transport_cost`` solves problems whose cost matrices share blocks (SHEAR's
+overlapping spans): each block's kernel is built once and multiplied by all the scaling vectors that
+need it as one small GEMM, instead of one copied kernel per problem. It accelerates Sinkhorn with
+Anderson's method (``Anderson``) instead of over-relaxation: each iteration's exact column step gives
+the row potential's residual, and a least-squares combination of the last few residuals takes out
+the slow modes. On SHEAR's span problems (float64, checked every iteration, eps = 0.05) this took
+2-3x fewer iterations than over-relaxation at 1.6 (mean 20-26 vs 34-83 on a trained LM's states,
+11 vs 25 on synthetic ones) and cut the tail (99 % quantile 33-69 vs 152-696); in the engine, with
+checks every 8 iterations, the converged problems' mean fell from 39 to 27 on LM group 0.
 """
 
 from __future__ import annotations
@@ -53,10 +59,13 @@ _ABSORB_LOG_SCALING = 30.0  # absorb when a scaling exceeds this (30 + 40 < 87, 
 _MIN_ROW_SUM = 1e-20  # below this the one-exp first iteration falls back to logsumexp
 DEFAULT_OMEGA = 1.7  # starting over-relaxation factor (1 = plain Sinkhorn throughout); see the module docstring
 DEFAULT_BLOCK = 64  # problems iterated together (64 x 100 x 100 float32 kernels = 2.6 MB: L2/L3-resident)
-# The tiled solver's starting factor: it starts cold, where 1.6 took the fewest iterations (before
-# the factors adapted: mean ~29 vs ~36 at 1.7 on scripts/bench_weights.py's groups; adapted, on a
-# trained LM's groups: 1.5 as many, 1.7 11 % more, 1.8 four times as many).
-TILED_OMEGA = 1.6
+# The tiled solver's Anderson acceleration (``Anderson``): residuals kept (3 took 16 % more
+# iterations than 5 on a trained LM's span problems, 8 as many as 5 but more work per step), and the
+# ridge added to their Gram matrix, in units of its trace times the dtype's resolution: the least
+# ridge that keeps the solve well-posed (condition <= 1 / (10 eps)) when the kept residuals become
+# nearly parallel; a larger one slows the final digits (1e-6 of the trace stalls a float64 solve near 1e-7).
+ANDERSON_MEMORY = 5
+_ANDERSON_RIDGE = 10.0
 # Hard minus soft c-transform bound, per column: between 0 and eps log n (the column's effective
 # number of near-minimal rows); on the span problems of a trained LM's states at eps = 0.05 it was
 # 1.1-1.8 eps (10-90 % quantiles). Problems whose soft bound is further below their threshold are
@@ -232,6 +241,63 @@ def sinkhorn_transport_cost(
     return values, capped
 
 
+class Anderson:
+    """Anderson acceleration of a fixed-point iteration u <- G(u), batched over independent problems.
+
+    Type II with the last ``memory`` differences (Walker & Ni 2011, "Anderson acceleration for
+    fixed-point iterations", Sec. 3, with the residual r = G(u) - u): gamma = argmin ||r - dR gamma||
+    over the kept residual differences dR, then u <- u + r - (dU + dR) gamma. A regularised least
+    squares (Scieur, d'Aspremont & Bach 2016, "Regularized nonlinear acceleration": a ridge on the
+    Gram matrix dR dR^T) keeps the steps finite when residuals become nearly parallel. Why here: on
+    SHEAR's span problems Sinkhorn's error falls at a few slow rates that a handful of past residuals
+    capture, so it takes 2-3x fewer iterations than over-relaxed Sinkhorn at its best factor. With
+    memory 0, or for problems ``fall_back`` was called on, the step is the plain iteration u + r.
+    """
+
+    def __init__(self, problems: int, size: int, memory: int, like: torch.Tensor):
+        self.memory = memory
+        self.d_r = like.new_zeros(problems, memory, size)  # [P, m, n] residual differences
+        self.d_ur = like.new_zeros(problems, memory, size)  # [P, m, n] iterate + residual differences
+        self.gram = like.new_zeros(problems, memory, memory)  # [P, m, m] d_r d_r^T
+        self.plain = torch.zeros(problems, dtype=torch.bool, device=like.device)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (u, r) of the previous step
+        self.steps = 0
+
+    def step(self, u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The next iterate from u [P, n] and its residual r = G(u) - u [P, n]."""
+        if self.memory == 0:
+            return u + r
+        if self.last is not None:
+            slot = self.steps % self.memory  # the oldest difference makes room
+            last_u, last_r = self.last
+            d_r = torch.sub(r, last_r, out=self.d_r[:, slot])  # [P, n], written in place
+            torch.sub(u, last_u, out=self.d_ur[:, slot]).add_(d_r)
+            products = torch.bmm(d_r[:, None, :], self.d_r.transpose(1, 2))[:, 0]  # [P, m]
+            self.gram[:, slot] = products
+            self.gram[:, :, slot] = products
+        self.last = (u, r)
+        self.steps += 1
+        # Empty slots are zero rows and columns: the ridge (and its floor, for an all-zero Gram
+        # matrix) keeps the system regular and their gamma 0.
+        info = torch.finfo(u.dtype)
+        ridge = _ANDERSON_RIDGE * info.eps * self.gram.diagonal(dim1=1, dim2=2).sum(1) + info.tiny  # [P]
+        system = self.gram + torch.diag_embed(ridge[:, None].expand(-1, self.memory))  # [P, m, m]
+        d_r_r = torch.bmm(r[:, None, :], self.d_r.transpose(1, 2)).transpose(1, 2)  # [P, m, 1] (row form: faster)
+        gamma = torch.linalg.solve_ex(system, d_r_r)[0].masked_fill_(self.plain[:, None, None], 0.0)  # [P, m, 1]
+        # u + r - gamma^T (dU + dR), fused
+        return torch.baddbmm((u + r)[:, None, :], gamma.transpose(1, 2), self.d_ur, alpha=-1)[:, 0]
+
+    def fall_back(self, problems: torch.Tensor) -> None:
+        """Plain iterations from now on for the problems marked [P] (their acceleration misbehaved)."""
+        self.plain |= problems
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the problems ``keep`` (indices), in that order."""
+        self.d_r, self.d_ur, self.gram, self.plain = self.d_r[keep], self.d_ur[keep], self.gram[keep], self.plain[keep]
+        if self.last is not None:
+            self.last = (self.last[0][keep], self.last[1][keep])
+
+
 class _Tiling:
     """Index maps for problems whose cost matrices are L x L tilings of shared g x g blocks.
 
@@ -391,10 +457,12 @@ def _raise_dual_bound(blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Te
 
 def tiled_sinkhorn_transport_cost(
     blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int,
-    omega: float = TILED_OMEGA, check_every: int = 8, minima: RunningMinima | None = None,
+    memory: int = ANDERSON_MEMORY, check_every: int = 8, minima: RunningMinima | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sinkhorn_transport_cost`` for problems that share cost blocks: same fixed point, stopping test
-    (both marginal errors < tol), over-relaxation and safeguard, one kernel for all problems.
+    """``sinkhorn_transport_cost`` for problems that share cost blocks: same fixed point and stopping
+    test (both marginal errors < tol: each iterate's columns are exact, its rows are tested), one
+    kernel for all problems, and Anderson acceleration (``Anderson``, last ``memory`` residuals; 0 =
+    POT's plain iterations) instead of over-relaxation, with the same safeguard.
 
     blocks: [NB, g, g] costs; tiles: [P, L, L] block ids, problem p's cost is the block matrix
     blocks[tiles[p]] ([L g, L g], uniform marginals). Why: SHEAR's span cost matrices are windows of
@@ -422,7 +490,7 @@ def tiled_sinkhorn_transport_cost(
     Returns (values [P], capped [P] bool, solved [P] bool, pruned [P] bool); values are NaN where
     not solved or pruned.
     """
-    values, capped, solved, pruned = _tiled_sinkhorn(blocks, tiles, epsilon, tol, max_iter, omega, check_every, minima)
+    values, capped, solved, pruned = _tiled_sinkhorn(blocks, tiles, epsilon, tol, max_iter, memory, check_every, minima)
     rest = (~(solved | pruned)).nonzero().squeeze(1)
     if rest.numel() == 0 or blocks.dtype == torch.float64:
         return values, capped, solved, pruned
@@ -431,7 +499,7 @@ def tiled_sinkhorn_transport_cost(
         sub = None if minima is None else RunningMinima(minima.rows[part], minima.cols[part], minima.best_rows,
                                                         minima.best_cols)
         v, capped[part], solved[part], pruned[part] = _tiled_sinkhorn(blocks[used].double(), local, epsilon, tol,
-                                                                      max_iter, omega, check_every, sub)
+                                                                      max_iter, memory, check_every, sub)
         values[part] = v.to(values.dtype)
     return values, capped, solved, pruned
 
@@ -456,12 +524,13 @@ def _kernel_products(tiles: torch.Tensor, kernel_all: torch.Tensor) -> tuple[Cal
 
 
 def _tiled_sinkhorn(
-    blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int, omega: float,
+    blocks: torch.Tensor, tiles: torch.Tensor, epsilon: float, tol: float, max_iter: int, memory: int,
     check_every: int, minima: RunningMinima | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tiled_sinkhorn_transport_cost`` in the blocks' dtype, without the input check and the float64 retry."""
     P, L, _ = tiles.shape
     g = blocks.shape[1]
+    n = L * g
     device, dtype = blocks.device, blocks.dtype
     values = blocks.new_full((P,), math.nan)
     capped = torch.zeros(P, dtype=torch.bool, device=device)
@@ -469,7 +538,7 @@ def _tiled_sinkhorn(
     pruned = torch.zeros(P, dtype=torch.bool, device=device)
     if P == 0:
         return values, capped, solved, pruned
-    a = b = 1.0 / (L * g)
+    a = b = 1.0 / n
     info = torch.finfo(dtype)
     exponent_limit = 0.45 * -math.log(info.tiny)
     scaling_limit = 0.9 * math.log(info.max)
@@ -480,54 +549,59 @@ def _tiled_sinkhorn(
     del exponent
 
     active = in_range.nonzero().squeeze(1)  # problems still iterating
+    if active.numel() == 0:
+        return values, capped, solved, pruned
     k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
-    alpha = blocks.new_ones(active.shape[0], L, g)  # [P_act, L, g] row scalings
-    beta = torch.ones_like(alpha)  # column scalings
-    relax = blocks.new_full((active.shape[0], 1, 1), omega)
+    u = blocks.new_zeros(active.shape[0], n)  # [P_act, n] log row scalings
+    alpha = torch.ones_like(u)
+    accel = Anderson(active.shape[0], n, memory, u)
     last_err = blocks.new_full((active.shape[0],), math.inf)
     lower = blocks.new_full((active.shape[0],), -math.inf)  # [P_act] W1 lower bounds (with minima)
     hard = torch.zeros(active.shape[0], dtype=torch.bool, device=device)  # hard bound taken
+    k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
     iters = 0
-    k_t_alpha = kt_mul(alpha)
-    while active.numel():
-        steps = min(check_every, max_iter - iters)
-        for _ in range(steps):
-            beta = beta * (b / (beta * k_t_alpha)).pow_(relax)
-            k_beta = k_mul(beta)
-            alpha = alpha * (a / (alpha * k_beta)).pow_(relax)
-            k_t_alpha = kt_mul(alpha)
-        iters += steps
-        err = torch.maximum(torch.linalg.vector_norm(alpha * k_beta - a, dim=(1, 2)),
-                            torch.linalg.vector_norm(beta * k_t_alpha - b, dim=(1, 2)))  # [P_act]
-        relax = adapt_relaxation(relax, err, last_err, steps)
-        last_err = err
-        scale = torch.maximum(alpha.log().abs().amax(dim=(1, 2)), beta.log().abs().amax(dim=(1, 2)))
-        lost = ~(scale <= scaling_limit)  # also NaN: left to the stabilised solver
-        conv = (err < tol) & ~lost
-        done = conv | lost | (iters >= max_iter)
-        fin = (done & ~lost).nonzero().squeeze(1)
-        if fin.numel():
-            # <P, C> = sum_ij alpha_i K_ij beta_j C_ij, by the same block products on K * C.
-            sub = _Tiling(tiles[active[fin]])
-            weighted = kernel_all[sub.used] * blocks[sub.used]
-            values[active[fin]] = (alpha[fin] * sub.k_mul(beta[fin], weighted)).sum(dim=(1, 2))
-            capped[active[fin]] = ~conv[fin]
-            solved[active[fin]] = True
+    while True:
+        # Sinkhorn's v-step (exact columns), then its u-step as the residual of u = log alpha:
+        # G(u) - u = log a - log(alpha K beta), which Anderson acceleration combines with past ones.
+        beta = b / k_t_alpha  # [P_act, n]
+        row = alpha * k_mul(beta.view(-1, L, g)).view(-1, n)  # row marginal of diag(alpha) K diag(beta)
+        iters += 1
+        if iters % check_every == 0 or iters >= max_iter:
+            err = torch.linalg.vector_norm(row - a, dim=1)  # [P_act]; the columns are exact
+            # A problem whose error more than doubled since the last check iterates plainly from now
+            # on (plain Sinkhorn's convergence is guaranteed; smaller growth is the acceleration's
+            # normal non-monotone path).
+            accel.fall_back(err > _DIVERGENCE * last_err)
+            last_err = err
+            scale = torch.maximum(u.abs().amax(dim=1), beta.log().abs().amax(dim=1))
+            lost = ~(scale <= scaling_limit)  # also NaN: left to the stabilised solver
+            conv = (err < tol) & ~lost
+            done = conv | lost | (iters >= max_iter)
+            fin = (done & ~lost).nonzero().squeeze(1)
+            if fin.numel():
+                # <P, C> = sum_ij alpha_i K_ij beta_j C_ij, by the same block products on K * C.
+                sub = _Tiling(tiles[active[fin]])
+                weighted = kernel_all[sub.used] * blocks[sub.used]
+                values[active[fin]] = (alpha[fin] * sub.k_mul(beta[fin].view(-1, L, g), weighted).view(-1, n)).sum(1)
+                capped[active[fin]] = ~conv[fin]
+                solved[active[fin]] = True
+                if minima is not None:
+                    minima.update(active[fin], values[active[fin]])
             if minima is not None:
-                minima.update(active[fin], values[active[fin]])
-        if minima is not None:
-            threshold = minima.threshold(active)  # [P_act]
-            _raise_dual_bound(blocks, tiles[active], alpha, k_t_alpha, epsilon, shift, threshold, lower,
-                              hard, ~done)
-            cut = ~done & (lower >= threshold)
-            pruned[active[cut]] = True
-            done = done | cut
-        if not bool(done.any()):
-            continue
-        keep = (~done).nonzero().squeeze(1)
-        active = active[keep]
-        alpha, beta, relax, last_err, k_t_alpha = alpha[keep], beta[keep], relax[keep], last_err[keep], k_t_alpha[keep]
-        lower, hard = lower[keep], hard[keep]
-        if active.numel():
-            k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
-    return values, capped, solved, pruned
+                threshold = minima.threshold(active)  # [P_act]
+                _raise_dual_bound(blocks, tiles[active], alpha.view(-1, L, g), k_t_alpha.view(-1, L, g), epsilon,
+                                  shift, threshold, lower, hard, ~done)
+                cut = ~done & (lower >= threshold)
+                pruned[active[cut]] = True
+                done = done | cut
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                active = active[keep]
+                if active.numel() == 0:
+                    return values, capped, solved, pruned
+                u, row, last_err, lower, hard = u[keep], row[keep], last_err[keep], lower[keep], hard[keep]
+                accel.select(keep)
+                k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
+        u = accel.step(u, math.log(a) - row.log())
+        alpha = u.exp()
+        k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)

@@ -42,7 +42,8 @@ import torch
 
 from shear_verl.core import metrics
 from shear_verl.core.config import ShearConfig, ShearStats
-from shear_verl.core.sinkhorn import DEFAULT_BLOCK, RunningMinima, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost
+from shear_verl.core.sinkhorn import (ANDERSON_MEMORY, DEFAULT_BLOCK, RunningMinima, sinkhorn_transport_cost,
+                                      tiled_sinkhorn_transport_cost)
 from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
 
 # Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
@@ -63,9 +64,10 @@ _MIN_TILE = 16
 # less time than 1 (8 and 16: slower; synthetic states: no difference).
 _SEEDS_PER_SPAN = 4
 # Least mean fraction of a block's (w/g)^2 tile positions in use for the tiled solver: below it, most
-# block products have one or two rows and the per-problem solver is faster (e.g. pruning's seeds; on
-# a trained LM's states 0.15 and 1/16 were 3-15 % slower).
-_MIN_SHARING = 0.25
+# block products have a single row and the per-problem solver is faster. With Anderson acceleration
+# the tiled solver takes pruning's seeds too at 1/16: on a trained LM's groups 4-16 % faster than
+# 1/4 (which left them to the per-problem solver), 1/8 and 1/32 in between, 1/64 up to 35 % slower.
+_MIN_SHARING = 1 / 16
 
 
 def validate_group(hidden_states: Sequence[torch.Tensor], correct: Sequence[bool]) -> list[torch.Tensor]:
@@ -263,8 +265,9 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     # costs, their transpose and one slot's differences), two [slots, g] products (slots < 2 P L^2,
     # ``_Tiling``'s packing) and the [P, L, L, g] gather. The float64 retry of kernels outside
     # float32's range takes a third of the problems at a time (2 x 6 / 3 units beside the float32
-    # costs): within the same peak.
-    per_problem = int(6 * g * g / _MIN_SHARING) + 2 * (2 * L * L * g) + L * L * g
+    # costs): within the same peak. Beside them, per problem: Anderson's 2 m differences and a dozen
+    # [L g] vectors (scalings, products, residuals).
+    per_problem = int(6 * g * g / _MIN_SHARING) + 2 * (2 * L * L * g) + L * L * g + (2 * ANDERSON_MEMORY + 12) * L * g
     for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
         if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shear_verl.core import sinkhorn as sinkhorn_module
-from shear_verl.core.sinkhorn import (RunningMinima, _kernel_products, _Tiling, adapt_relaxation,
+from shear_verl.core.sinkhorn import (Anderson, RunningMinima, _kernel_products, _Tiling, adapt_relaxation,
                                       sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound)
 
 
@@ -134,18 +134,58 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
     return blocks, tiles, costs
 
 
-@pytest.mark.parametrize("omega", [1.0, 1.6])
-def test_tiled_equals_pot_on_shared_blocks(omega, monkeypatch):
-    factors, adapt = [], sinkhorn_module.adapt_relaxation
-    monkeypatch.setattr(sinkhorn_module, "adapt_relaxation", lambda *args: factors.append(adapt(*args)) or factors[-1])
+@pytest.mark.parametrize("memory", [0, 5])
+def test_tiled_equals_pot_on_shared_blocks(memory):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
-                                                                   omega=omega)
+                                                                   memory=memory)
     assert solved.all() and not capped.any() and not pruned.any()
     np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
-    # omega = 1 is POT's plain iterations throughout; from 1.6 the factors were adapted on the way.
-    largest = max(float(f.max()) for f in factors)
-    assert largest == 1.0 if omega == 1.0 else largest > 1.6
+
+
+def test_tiled_acceleration_takes_fewer_iterations(monkeypatch):
+    # memory 0 is POT's plain iterations; Anderson's reach the same values (above) in under half.
+    blocks, tiles, _ = _grid_tiling(40, 48, 4, 3, 3, seed=8)
+    steps, step = {}, Anderson.step
+    monkeypatch.setattr(Anderson, "step", lambda self, u, r: steps.update({self.memory: steps.get(self.memory, 0)
+                                                                            + u.shape[0]}) or step(self, u, r))
+    for memory in (0, 5):
+        tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000, memory=memory)
+    assert 0 < steps[5] < 0.5 * steps[0]
+
+
+def test_anderson_solves_a_linear_fixed_point_like_gmres():
+    # On u <- M u + c, type II Anderson with memory >= n is GMRES on (I - M) u = c (Walker & Ni 2011,
+    # Sec. 4): solved to rounding in about n + 1 steps, where the plain iteration's error still falls
+    # only by rho^k per step.
+    n = 6
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    m = q @ torch.diag(torch.linspace(0.5, 0.97, n, dtype=torch.float64)) @ q.T  # [n, n], rho = 0.97
+    c = torch.randn(n, dtype=torch.float64, generator=gen)
+    fixed = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - m, c)
+    accel = Anderson(1, n, n, c[None])
+    u, plain = torch.zeros(1, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for _ in range(n + 2):
+        u = accel.step(u, (u @ m.T + c) - u)
+        plain = m @ plain + c
+    assert torch.linalg.vector_norm(u[0] - fixed) < 1e-6 * torch.linalg.vector_norm(fixed)
+    assert torch.linalg.vector_norm(plain - fixed) > 0.5 * torch.linalg.vector_norm(fixed)
+
+
+def test_anderson_falls_back_to_plain_iterations():
+    gen = torch.Generator().manual_seed(4)
+    u, r = torch.randn(3, 5, dtype=torch.float64, generator=gen), torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    accel = Anderson(3, 5, 4, u)
+    for _ in range(3):
+        u_next = accel.step(u, r)
+        u, r = u_next, 0.5 * r + 0.1 * torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    accel.fall_back(torch.tensor([False, True, False]))
+    u_next = accel.step(u, r)
+    torch.testing.assert_close(u_next[1], u[1] + r[1])  # plain step for the problem that fell back
+    assert not torch.allclose(u_next[[0, 2]], u[[0, 2]] + r[[0, 2]])  # accelerated for the others
+    accel.select(torch.tensor([1, 2]))
+    assert accel.plain.tolist() == [True, False] and accel.d_r.shape[0] == 2
 
 
 @pytest.mark.parametrize("step", [1, 20])  # 80 problems: through _Tiling; 4: written out (2 P L^2 <= 120 blocks)
