@@ -34,15 +34,16 @@ sub-vocabulary, shared by all rollouts of the prompt), and a hidden state is its
 prototype plus context noise of comparable size. Incorrect rollouts leave the shared phases half
 way through. `--iid` uses i.i.d. Gaussian states instead: no structure, so no bound can prune.
 
-The engine's solves are the tiled solver's (span pairs share the kernels of 25 x 25 token blocks),
-except pruning's first "seed" pairs where they are too scattered to share blocks, which go to the
+The engine's solves are the tiled solver's (span pairs share the kernels of 25 x 25 token blocks,
+Anderson-accelerated), pruning's first "seed" pairs included, except pairs too scattered to share
+blocks (under 1/16 of a block's tile positions in use) and spans shorter than w, which go to the
 per-problem solver.
 
 Caveat on pruning: the context noise is isotropic and as large as the prototypes, so in d >= 256
 all span-to-span distances concentrate (W_eps of a span against its candidates differ by a few
-percent). The exact bounds (>= W1) then cannot separate them: on the d=256 4/4 case even the exact
+percent). The exact bounds (<= W1) then cannot separate them: on the d=256 4/4 case even the exact
 W1 as the bound would leave ~63 % of the pairs to solve (W_eps - W1 ~ 0.05 is the entropic blur at
-eps = 0.05), and the current bound with best-first order solves the minimum it allows (68 %). Real
+eps = 0.05), and the current bound with best-first order solves 66 %. Real
 hidden states are anisotropic (a few dominant directions, lower intrinsic dimension) and less
 concentrated; how much pruning they allow must be measured on captured states.
 """
