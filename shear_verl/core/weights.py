@@ -26,9 +26,9 @@ Speed by design, not by approximation:
   Each span's few lowest-bound pairs are solved first (the seeds); then all pairs still below
   their row's or column's best, in one batch, dense enough for the tiled solver to share blocks. That
   solver tightens the bound on the way (``RunningMinima``): after a few iterations the c-transform
-  of the row potentials f = eps log alpha gives the Kantorovich dual bound mean f + mean f^c <= W1,
-  close to W1, and a pair whose bound reaches the best values of both its spans, as they fall
-  during the batch, is stopped there.
+  of the row potentials f = eps log alpha gives the Kantorovich dual bound mean f + mean f^c <= W1
+  (then mean f^cc + mean f^c, tighter), close to W1, and a pair whose bound reaches the best values
+  of both its spans, as they fall during the batch, is stopped there.
 """
 
 from __future__ import annotations

@@ -274,13 +274,31 @@ def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise():
     w1 = _exact_w1(costs)
     # POT's exact dual potentials (network simplex): the c-transforms keep them optimal.
     f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.numpy(), log=True)[1]["u"]) for c in costs])
-    bound = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4))
+    bound, _ = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4))
     np.testing.assert_allclose(bound.numpy(), w1, rtol=1e-9)
     # Any other potential, e.g. random or shifted by a constant: still a lower bound.
     f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert (w1_dual_bound(tiling, blocks[tiling.used], f_rand).numpy() <= w1 + 1e-12).all()
-    shifted = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4) + 7.0)
+    assert (w1_dual_bound(tiling, blocks[tiling.used], f_rand)[0].numpy() <= w1 + 1e-12).all()
+    shifted, _ = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4) + 7.0)
     np.testing.assert_allclose(shifted.numpy(), w1, rtol=1e-9)
+
+
+def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once():
+    """The second c-transform (``_raise_dual_bound``): the same bound on the transposed problems with f^c as
+    their row potential is >= the first and still <= W1 (POT's exact W1); a third returns the second."""
+    blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=14)
+    w1 = _exact_w1(costs)
+    f = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tiling, flip = _Tiling(tiles), _Tiling(tiles.transpose(1, 2))
+    first, f_c = w1_dual_bound(tiling, blocks[tiling.used], f)
+    second, f_cc = w1_dual_bound(flip, blocks[flip.used].transpose(1, 2), f_c)
+    third, _ = w1_dual_bound(tiling, blocks[tiling.used], f_cc)
+    assert (second >= first - 1e-12).all() and (second > first + 1e-3).any()
+    assert (second.numpy() <= w1 + 1e-12).all()
+    np.testing.assert_allclose(third.numpy(), second.numpy(), rtol=1e-12)
+    # f^cc on the rows, written out: min_y C(x, y) - f^c(y)
+    dense_f_c = f_c.reshape(-1, 12)
+    np.testing.assert_allclose(f_cc.reshape(-1, 12).numpy(), (costs - dense_f_c[:, None, :]).amin(2).numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
