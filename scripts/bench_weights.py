@@ -5,7 +5,8 @@
     python scripts/bench_weights.py --paper-scale  # one group of 8 x 3000 tokens x d=3584 in 1 GB
     python scripts/bench_weights.py --states groups.pt  # the same table on captured hidden states
 
-Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative unless --epsilon, tol=1e-6, float32):
+Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative unless --epsilon, tol=1e-6, float32;
+times are the fastest of --repeat runs, 3 by default):
   engine       group_token_weights with exact pruning (the default)
   no-prune     the same engine solving every span pair (brute force)
   POT loop     the naive way, per span pair: M = ot.dist(x, y, metric="euclidean"), then
