@@ -44,6 +44,12 @@ the slow modes. On SHEAR's span problems (float64, checked every iteration, eps 
 2-3x fewer iterations than over-relaxation at 1.6 (mean 20-26 vs 34-83 on a trained LM's states,
 11 vs 25 on synthetic ones) and cut the tail (99 % quantile 33-69 vs 152-696); in the engine, with
 checks every 8 iterations, the converged problems' mean fell from 39 to 27 on LM group 0.
+
+On tensors in host memory the tiled solver's loops (its iterations and the dual bound's c-transforms)
+run as numba kernels (``fused``) instead of ~30 batched torch operations per iteration: each problem
+runs its iterations up to the next check at once, its kernel written out in the core's cache, and
+stops at the iteration it converges. The iterations are the same (checked to rounding against the
+torch path, which GPU tensors take).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from shear_verl.core import fused
 
 _MAX_LOG_SCALING = 40.0  # worst-case growth of |log alpha|, |log beta| between two checks
 _ABSORB_LOG_SCALING = 30.0  # absorb when a scaling exceeds this (30 + 40 < 87, float32's exp range)
@@ -81,6 +89,12 @@ _DENSE_BELOW = 64
 # acceleration falls back to plain Sinkhorn on the same growth.
 _MAX_OMEGA = 1.9
 _DIVERGENCE = 2.0
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether the tiled solver's loops run as the per-problem kernels of ``fused`` (numba, host
+    memory only) for tensors like t, instead of batched torch operations (the path for GPUs)."""
+    return t.device.type == "cpu"
 
 
 def adapt_relaxation(relax: torch.Tensor, err: torch.Tensor, last_err: torch.Tensor, steps: int) -> torch.Tensor:
@@ -396,17 +410,25 @@ class _Tiling:
         return self._apply(vec, self.row_src, kernel, 1)
 
 
-def w1_dual_bound(tiling: _Tiling, costs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Lower bound on W1 (hence on <P_eps, C>) of every problem from any row potential f [P, L, g].
+def w1_dual_bound(blocks: torch.Tensor, tiles: torch.Tensor, f: torch.Tensor,
+                  transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower bound on W1 (hence on <P_eps, C>) of every problem tiles [P, L, L] (costs: the block
+    matrix of blocks [NB, g, g]) from any row potential f [P, L, g]; ``transposed``: of the
+    transposed problems (costs C^T, f on the original columns).
 
     Kantorovich duality with a c-transform (Peyre & Cuturi 2019, "Computational Optimal Transport",
     Sec. 3.1 and Prop. 3.1): f^c(y) = min_x C(x, y) - f(x) makes f(x) + f^c(y) <= C(x, y), so
     mean f + mean f^c <= W1 for uniform marginals whatever f is, with equality at an optimal f.
-    Invariant to a constant added to f. costs: the blocks [nb, g, g] of ``tiling.used``.
+    Invariant to a constant added to f.
     Returns (bound [P], f^c [P, L, g]): f^c is the row potential of the transposed problems, whose
     bound mean f^cc + mean f^c is at least as tight (``_raise_dual_bound``).
     """
-    f_c = tiling.c_transform(f, costs.transpose(1, 2).contiguous())  # [P, L, g]
+    if _fused(blocks):
+        f_c = fused.c_transform(blocks, tiles, f, transposed)
+    else:
+        tiling = _Tiling(tiles.transpose(1, 2) if transposed else tiles)
+        costs = blocks[tiling.used]  # [nb, g, g]
+        f_c = tiling.c_transform(f, costs if transposed else costs.transpose(1, 2).contiguous())  # [P, L, g]
     return f.mean(dim=(1, 2)) + f_c.mean(dim=(1, 2)), f_c
 
 
@@ -458,15 +480,13 @@ def _raise_dual_bound(blocks: torch.Tensor, tiles: torch.Tensor, alpha: torch.Te
     near = (running & ~hard & (lower < threshold) & (lower + _HARD_BOUND_REACH * epsilon >= threshold))
     near = near.nonzero().squeeze(1)
     if near.numel():
-        sub = _Tiling(tiles[near])
-        bound, f_c = w1_dual_bound(sub, blocks[sub.used], f[near])
+        bound, f_c = w1_dual_bound(blocks, tiles[near], f[near])
         lower[near] = torch.maximum(lower[near], bound)
         hard[near] = True
         short = (lower[near] < threshold[near]).nonzero().squeeze(1)
         if short.numel():  # the transposed problems (rows y, costs C^T) with f^c as their row potential
             again = near[short]
-            flip = _Tiling(tiles[again].transpose(1, 2))
-            bound, _ = w1_dual_bound(flip, blocks[flip.used].transpose(1, 2), f_c[short])
+            bound, _ = w1_dual_bound(blocks, tiles[again], f_c[short], transposed=True)
             lower[again] = torch.maximum(lower[again], bound)
 
 
@@ -566,23 +586,36 @@ def _tiled_sinkhorn(
     active = in_range.nonzero().squeeze(1)  # problems still iterating
     if active.numel() == 0:
         return values, capped, solved, pruned
-    k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
+    on_host = _fused(blocks)
+    active_tiles = tiles[active]
+    if not on_host:
+        k_mul, kt_mul = _kernel_products(active_tiles, kernel_all)
     u = blocks.new_zeros(active.shape[0], n)  # [P_act, n] log row scalings
     alpha = torch.ones_like(u)
+    k_t_alpha, row = torch.empty_like(u), torch.empty_like(u)  # [P_act, n] K^T alpha, alpha * K beta
     accel = Anderson(active.shape[0], n, memory, u)
     last_err = blocks.new_full((active.shape[0],), math.inf)
     lower = blocks.new_full((active.shape[0],), -math.inf)  # [P_act] W1 lower bounds (with minima)
     hard = torch.zeros(active.shape[0], dtype=torch.bool, device=device)  # hard bound taken
-    k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
     plan_alpha, plan_beta = blocks.new_empty(P, n), blocks.new_empty(P, n)  # [P, n] scalings of the solved problems
     iters = 0
     while True:
-        # Sinkhorn's v-step (exact columns), then its u-step as the residual of u = log alpha:
-        # G(u) - u = log a - log(alpha K beta), which Anderson acceleration combines with past ones.
-        beta = b / k_t_alpha  # [P_act, n]
-        row = alpha * k_mul(beta.view(-1, L, g)).view(-1, n)  # row marginal of diag(alpha) K diag(beta)
-        iters += 1
+        # Iterate to the next check. An iteration: Anderson's step on u = log alpha from the residual
+        # G(u) - u = log a - log(row) of the last one (the first starts from alpha = 1), then Sinkhorn's
+        # v-step beta = b / K^T alpha (exact columns) and the row marginal of diag(alpha) K diag(beta).
+        steps = 1 if iters == 0 else min(check_every - iters % check_every, max_iter - iters)
+        if on_host:  # the same iterations per problem, each stopping once converged (``fused``)
+            fused.advance(kernel_all, active_tiles, u, alpha, k_t_alpha, row, accel, steps, iters == 0, tol,
+                           _ANDERSON_RIDGE * info.eps)
+        for step in range(0 if on_host else steps):
+            if iters + step:
+                u = accel.step(u, math.log(a) - row.log())
+                alpha = u.exp()
+            k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
+            row = alpha * k_mul((b / k_t_alpha).view(-1, L, g)).view(-1, n)
+        iters += steps
         if iters % check_every == 0 or iters >= max_iter:
+            beta = b / k_t_alpha  # [P_act, n]
             err = torch.linalg.vector_norm(row - a, dim=1)  # [P_act]; the columns are exact
             # A problem whose error more than doubled since the last check iterates plainly from now
             # on (plain Sinkhorn's convergence is guaranteed; smaller growth is the acceleration's
@@ -599,7 +632,7 @@ def _tiled_sinkhorn(
             solved[active[fin]] = True
             if minima is not None:
                 threshold = minima.threshold(active)  # [P_act]
-                _raise_dual_bound(blocks, tiles[active], alpha.view(-1, L, g), k_t_alpha.view(-1, L, g), epsilon,
+                _raise_dual_bound(blocks, active_tiles, alpha.view(-1, L, g), k_t_alpha.view(-1, L, g), epsilon,
                                   shift, threshold, lower, hard, ~done)
                 cut = ~done & (lower >= threshold)
                 pruned[active[cut]] = True
@@ -609,12 +642,12 @@ def _tiled_sinkhorn(
                 active = active[keep]
                 if active.numel() == 0:
                     break
-                u, row, last_err, lower, hard = u[keep], row[keep], last_err[keep], lower[keep], hard[keep]
+                u, alpha, k_t_alpha, row = u[keep], alpha[keep], k_t_alpha[keep], row[keep]
+                last_err, lower, hard = last_err[keep], lower[keep], hard[keep]
                 accel.select(keep)
-                k_mul, kt_mul = _kernel_products(tiles[active], kernel_all)
-        u = accel.step(u, math.log(a) - row.log())
-        alpha = u.exp()
-        k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
+                active_tiles = tiles[active]
+                if not on_host:
+                    k_mul, kt_mul = _kernel_products(active_tiles, kernel_all)
     # <P, C> = sum_ij alpha_i K_ij beta_j C_ij of all solved problems at once, by the block products on K * C,
     # and only then do they lower the minima. At the checks, problems finish a few at a time and a tiling of
     # those few shares few blocks (several times the cost per problem); lowering the minima there stopped

@@ -76,3 +76,15 @@ def token_weights(states: list[np.ndarray], correct: list[bool], *, span_len: in
 def reference():
     """This module (tests import nothing by path under --import-mode=importlib)."""
     return sys.modules[__name__]
+
+
+@pytest.fixture(params=["fused", "torch"])
+def solver_path(request, monkeypatch):
+    """Both implementations of the tiled solver's loops, run here on the CPU: numba's per-problem
+    kernels (``shear_verl.core.fused``, the path for host tensors) and batched torch operations (the
+    path for GPU tensors, forced here)."""
+    if request.param == "torch":
+        from shear_verl.core import sinkhorn
+
+        monkeypatch.setattr(sinkhorn, "_fused", lambda tensor: False)
+    return request.param

@@ -135,7 +135,7 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("memory", [0, 5])
-def test_tiled_equals_pot_on_shared_blocks(memory):
+def test_tiled_equals_pot_on_shared_blocks(memory, solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
                                                                    memory=memory)
@@ -145,6 +145,8 @@ def test_tiled_equals_pot_on_shared_blocks(memory):
 
 def test_tiled_acceleration_takes_fewer_iterations(monkeypatch):
     # memory 0 is POT's plain iterations; Anderson's reach the same values (above) in under half.
+    # Counted on the torch path (the fused kernels run the same iterations: the next test).
+    monkeypatch.setattr(sinkhorn_module, "_fused", lambda tensor: False)
     blocks, tiles, _ = _grid_tiling(40, 48, 4, 3, 3, seed=8)
     steps, step = {}, Anderson.step
     monkeypatch.setattr(Anderson, "step", lambda self, u, r: steps.update({self.memory: steps.get(self.memory, 0)
@@ -152,6 +154,25 @@ def test_tiled_acceleration_takes_fewer_iterations(monkeypatch):
     for memory in (0, 5):
         tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000, memory=memory)
     assert 0 < steps[5] < 0.5 * steps[0]
+
+
+@pytest.mark.parametrize("memory", [0, 5])
+def test_fused_kernels_run_the_torch_paths_iterations(memory, monkeypatch):
+    """Checked after every iteration, both paths stop each problem at the same iteration with the same
+    iterate (float64: equal to rounding, where one iteration more or less moves a value by ~tol); the
+    fused kernel's scalings also come back unchanged when a problem has converged."""
+    blocks, tiles, _ = _grid_tiling(40, 48, 4, 3, 3, seed=15)
+    fused, _, fused_solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-8, max_iter=10_000,
+                                                              memory=memory, check_every=1)
+    monkeypatch.setattr(sinkhorn_module, "_fused", lambda tensor: False)
+    batched, _, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-8, max_iter=10_000,
+                                                          memory=memory, check_every=1)
+    assert fused_solved.all() and solved.all()
+    np.testing.assert_allclose(fused.numpy(), batched.numpy(), rtol=1e-12)
+    # one iteration apart they differ by far more
+    shorter, _, _, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-7, max_iter=10_000,
+                                                     memory=memory, check_every=1)
+    assert np.abs(shorter.numpy() / batched.numpy() - 1).max() > 1e-10
 
 
 def test_anderson_solves_a_linear_fixed_point_like_gmres():
@@ -201,7 +222,7 @@ def test_kernel_products_equal_the_written_out_matrices(step, monkeypatch):
     torch.testing.assert_close(kt_mul(v).flatten(1), torch.einsum("pij,pi->pj", kernels, v.flatten(1)))
 
 
-def test_tiled_equals_pot_on_written_out_kernels():
+def test_tiled_equals_pot_on_written_out_kernels(solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
     values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles[::20], 0.3, tol=1e-12, max_iter=100_000)
     assert solved.all() and not capped.any()
@@ -220,7 +241,7 @@ def _spy_dtypes(monkeypatch):
     return calls
 
 
-def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch):
+def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch, solver_path):
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 30.0  # (C - min C) / eps = 150 > 39: exp leaves float32 for the problems using block 0
     costs = torch.stack([blocks[t].permute(0, 2, 1, 3).reshape(8, 8) for t in tiles])
@@ -232,7 +253,7 @@ def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch):
     np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
 
 
-def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monkeypatch):
+def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monkeypatch, solver_path):
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 100.0  # (C - min C) / eps = 500 > 318: beyond float64's range too
     uses_block_0 = (tiles == 0).flatten(1).any(1)
@@ -243,13 +264,13 @@ def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monk
     np.testing.assert_allclose(values[solved].double().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
 
 
-def test_tiled_reports_capped_problems():
+def test_tiled_reports_capped_problems(solver_path):
     blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=10)
     _, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3)
     assert capped.all() and solved.all()
 
 
-def test_tiled_packs_any_number_of_users_per_block():
+def test_tiled_packs_any_number_of_users_per_block(solver_path):
     # 1, 2, 3, 5, 9 or 20 users of a block: every slot bucket of the packed layout (1 to 32 slots),
     # including problems repeated and a block used at several positions of one problem.
     blocks, tiles, costs = _grid_tiling(16, 20, 4, 2, 3, seed=11)
@@ -268,41 +289,40 @@ def _exact_w1(costs):
     return np.array([ot.emd2(ot.unif(c.shape[0]), ot.unif(c.shape[1]), c.numpy()) for c in costs])
 
 
-def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise():
+def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise(solver_path):
     blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=12)  # 24 problems of 12 x 12
-    tiling = _Tiling(tiles)
     w1 = _exact_w1(costs)
     # POT's exact dual potentials (network simplex): the c-transforms keep them optimal.
     f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.numpy(), log=True)[1]["u"]) for c in costs])
-    bound, _ = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4))
+    bound, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4))
     np.testing.assert_allclose(bound.numpy(), w1, rtol=1e-9)
     # Any other potential, e.g. random or shifted by a constant: still a lower bound.
     f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert (w1_dual_bound(tiling, blocks[tiling.used], f_rand)[0].numpy() <= w1 + 1e-12).all()
-    shifted, _ = w1_dual_bound(tiling, blocks[tiling.used], f_opt.view(-1, 3, 4) + 7.0)
+    assert (w1_dual_bound(blocks, tiles, f_rand)[0].numpy() <= w1 + 1e-12).all()
+    shifted, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4) + 7.0)
     np.testing.assert_allclose(shifted.numpy(), w1, rtol=1e-9)
 
 
-def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once():
+def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once(solver_path):
     """The second c-transform (``_raise_dual_bound``): the same bound on the transposed problems with f^c as
     their row potential is >= the first and still <= W1 (POT's exact W1); a third returns the second."""
     blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=14)
     w1 = _exact_w1(costs)
     f = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    tiling, flip = _Tiling(tiles), _Tiling(tiles.transpose(1, 2))
-    first, f_c = w1_dual_bound(tiling, blocks[tiling.used], f)
-    second, f_cc = w1_dual_bound(flip, blocks[flip.used].transpose(1, 2), f_c)
-    third, _ = w1_dual_bound(tiling, blocks[tiling.used], f_cc)
+    first, f_c = w1_dual_bound(blocks, tiles, f)
+    second, f_cc = w1_dual_bound(blocks, tiles, f_c, transposed=True)
+    third, _ = w1_dual_bound(blocks, tiles, f_cc)
     assert (second >= first - 1e-12).all() and (second > first + 1e-3).any()
     assert (second.numpy() <= w1 + 1e-12).all()
     np.testing.assert_allclose(third.numpy(), second.numpy(), rtol=1e-12)
-    # f^cc on the rows, written out: min_y C(x, y) - f^c(y)
+    # f^c and f^cc written out: min_x C(x, y) - f(x), min_y C(x, y) - f^c(y)
+    np.testing.assert_allclose(f_c.reshape(-1, 12).numpy(), (costs - f.reshape(-1, 12, 1)).amin(1).numpy(), rtol=1e-12)
     dense_f_c = f_c.reshape(-1, 12)
     np.testing.assert_allclose(f_cc.reshape(-1, 12).numpy(), (costs - dense_f_c[:, None, :]).amin(2).numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype):
+def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype, solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=13, dtype=dtype)
     ref = _pot(costs.double(), 0.3)
     P = tiles.shape[0]
@@ -320,7 +340,7 @@ def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype):
     torch.testing.assert_close(minima.best_rows[solved], torch.minimum(known, values)[solved])  # lowered by solves
 
 
-def test_tiled_minima_are_lowered_by_the_problems_it_solves():
+def test_tiled_minima_are_lowered_by_the_problems_it_solves(solver_path):
     """All problems in one row and column, one best known at the start (a problem's POT value, a little
     above the minimum): problems proved above it stop, the others are solved and lower the minima to the
     exact minimum at the end."""

@@ -92,7 +92,7 @@ TILED_CORRECT = (True, False, True, False, False, True)
                          [(False, "float64", 0.1, 2e-6), (True, "float64", 0.1, 2e-6),
                           # float32 at eps 0.08: some kernels leave float32's range and are solved in float64
                           (True, "float32", 0.08, 1e-4)])
-def test_tiled_solver_matches_reference(reference, prune, dtype, epsilon, rtol, monkeypatch):
+def test_tiled_solver_matches_reference(reference, prune, dtype, epsilon, rtol, monkeypatch, solver_path):
     states = _group(TILED_LENGTHS, 3, seed=5)
     tiled_solves, left, passes = [], [], []
     solve, solve_pass = engine.tiled_sinkhorn_transport_cost, sinkhorn_module._tiled_sinkhorn

@@ -27,12 +27,15 @@ def test_steps_complete_with_gradients_and_weight_sync(runs):
     _, first, _ = runs
     assert [m["step"] for m in first] == [1, 2]
     for m in first:
-        assert math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
+        assert math.isfinite(m["actor/grad_norm"])
         assert 0.0 <= m["critic/score/mean"] <= 1.0
         assert m["response_length/mean"] > 0
         # vLLM's token probabilities vs the actor's recomputation of the same tokens. Step 2 samples
         # from weights synced into vLLM after step 1's update: a failed sync shows as a large gap.
         assert m["training/rollout_probs_diff_max"] < 1e-3
+    # GRPO's advantages are all 0 in a step whose groups are all-correct or all-wrong (vLLM-CPU's
+    # sampling is not reproducible: step 1 scored 0 of 16 in one run, 2 in another).
+    assert any(m["actor/grad_norm"] > 0 for m in first)
 
 
 def test_checkpoint_saved_and_resume_continues_from_it(runs):

