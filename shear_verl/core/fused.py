@@ -202,3 +202,32 @@ def c_transform(costs: torch.Tensor, tiles: torch.Tensor, f: torch.Tensor, of_co
     _c_transform(costs.contiguous().numpy(), tiles.contiguous().numpy(), f.contiguous().numpy(), of_columns,
                  out.numpy())
     return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _transport_costs(weighted, tiles, alpha, beta, out):  # pragma: no cover - compiled
+    """out[p] = <P, C> = sum_ij alpha_i K_ij C_ij beta_j of every problem p (numba prange): weighted
+    [NB, g, g] the blocks of K * C, tiles [P, L, L] block ids, alpha and beta [P, n] its scalings."""
+    P, L, _ = tiles.shape
+    g = weighted.shape[1]
+    for p in numba.prange(P):
+        total = alpha[p, 0] * 0
+        for rb in range(L):
+            for cb in range(L):
+                block = weighted[tiles[p, rb, cb]]
+                for i in range(g):
+                    inner = total * 0
+                    for j in range(g):
+                        inner += block[i, j] * beta[p, cb * g + j]
+                    total += alpha[p, rb * g + i] * inner
+        out[p] = total
+
+
+def transport_costs(weighted: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``_transport_costs`` on host tensors: <P, C> [P] of the problems tiles [P, L, L] from the blocks
+    of K * C and their scalings alpha, beta [P, n]."""
+    _match_torch_threads()
+    out = alpha.new_empty(alpha.shape[0])
+    _transport_costs(weighted.contiguous().numpy(), tiles.contiguous().numpy(), alpha.contiguous().numpy(),
+                     beta.contiguous().numpy(), out.numpy())
+    return out
