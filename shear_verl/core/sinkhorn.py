@@ -580,7 +580,7 @@ def _tiled_sinkhorn(
     shift = blocks.amin()
     exponent = (blocks - shift) / epsilon  # [NB, g, g], >= 0
     in_range = exponent.amax(dim=(1, 2))[tiles].amax(dim=(1, 2)) <= exponent_limit  # [P]
-    kernel_all = torch.exp(-exponent)  # exp(-(C - min C)/eps): a constant factor, absorbed by the scalings
+    kernel_all = torch.exp(exponent.neg_())  # exp(-(C - min C)/eps): a constant factor, absorbed by the scalings
     del exponent
 
     active = in_range.nonzero().squeeze(1)  # problems still iterating
