@@ -10,7 +10,8 @@ per-problem loop with the solve of Anderson's small system. The iterations are t
 (``sinkhorn.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
 the stopping test are unchanged; only the order of the floating-point sums differs. Measured on a
 trained LM's and synthetic span problems (w = 100, float32, 2 cores): ~0.8 us per problem and
-iteration against ~2.0 us for the torch path, and the whole engine 1.7-2.4x faster.
+iteration against ~2.0 us for the torch path, and the whole engine 1.8-3.2x faster on the
+12 groups of ``scripts/bench_weights.py`` (synthetic and captured states).
 
 GPU tensors keep the torch path (``sinkhorn._tiled_sinkhorn``), which is already batched there.
 """
@@ -142,7 +143,7 @@ def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered throug
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: no cover - compiled
+def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: no cover - compiled
     """Sinkhorn's half-steps of one problem from its row scaling alpha [n]: K^T alpha (row by row, as
     contiguous axpys), beta = b / K^T alpha (b = a) and the row marginal alpha * K beta, in place."""
     n = alpha.shape[0]
@@ -188,7 +189,7 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
         gamma = np.empty(memory, kernel.dtype)
         for step in range(first_step - start, first_step + steps - start):
             if step < first_step:  # the first iteration: the half-steps from alpha
-                steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
+                _steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
                 continue
             err = tiny * 0
             for i in range(n):
@@ -244,7 +245,7 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
             if not in_range:  # overflow, underflow or NaN: libm's exp
                 for i in range(n):
                     alpha[p, i] = math.exp(u[p, i])
-            steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
+            _steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
 
 
 def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor,

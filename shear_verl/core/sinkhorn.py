@@ -606,13 +606,14 @@ def _tiled_sinkhorn(
         steps = 1 if iters == 0 else min(check_every - iters % check_every, max_iter - iters)
         if on_host:  # the same iterations per problem, each stopping once converged (``fused``)
             fused.advance(kernel_all, active_tiles, u, alpha, k_t_alpha, row, accel, steps, iters == 0, tol,
-                           _ANDERSON_RIDGE * info.eps)
-        for step in range(0 if on_host else steps):
-            if iters + step:
-                u = accel.step(u, math.log(a) - row.log())
-                alpha = u.exp()
-            k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
-            row = alpha * k_mul((b / k_t_alpha).view(-1, L, g)).view(-1, n)
+                          _ANDERSON_RIDGE * info.eps)
+        else:
+            for step in range(steps):
+                if iters + step:
+                    u = accel.step(u, math.log(a) - row.log())
+                    alpha = u.exp()
+                k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
+                row = alpha * k_mul((b / k_t_alpha).view(-1, L, g)).view(-1, n)
         iters += steps
         if iters % check_every == 0 or iters >= max_iter:
             beta = b / k_t_alpha  # [P_act, n]
