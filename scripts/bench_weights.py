@@ -4,6 +4,7 @@
     python scripts/bench_weights.py --quick    # one small case, < 60 s on 2 cores
     python scripts/bench_weights.py --paper-scale  # one group of 8 x 3000 tokens x d=3584 in 1 GB
     python scripts/bench_weights.py --states groups.pt  # the same table on captured hidden states
+    python scripts/bench_weights.py --device cuda       # the engine and the POT loop on a GPU's tensors
 
 Columns, per case (one GRPO group, w=100, s=25, eps=0.05 relative unless --epsilon, tol=1e-6, float32;
 times are the fastest of --repeat runs, 3 by default):
@@ -11,7 +12,7 @@ times are the fastest of --repeat runs, 3 by default):
   no-prune     the same engine solving every span pair (brute force)
   POT loop     the naive way, per span pair: M = ot.dist(x, y, metric="euclidean"), then
                ot.sinkhorn2(a, b, M, eps, method="sinkhorn_log", stopThr=tol, numItermax=max_iter)
-               on the float32 torch tensors (POT's torch backend: on this 2-core machine it was
+               on the float32 torch tensors, on the engine's --device (POT's torch backend: on this 2-core machine it was
                faster than numpy float32 / float64 inputs, ~2.6 vs ~8.8 / ~10.8 ms per pair). Far
                too slow to run in full: it is timed on a random sample of span pairs and
                extrapolated to all pairs (counting each unordered pair once, which favours POT:
@@ -103,7 +104,7 @@ def pot_loop_sample(states: list[torch.Tensor], correct: list[bool], cfg: ShearC
     rng = random.Random(seed)
     pairs = [(rng.choice(good), rng.choice(bad)) for _ in range(samples)]
     w = cfg.span_len
-    a = torch.full((w,), 1.0 / w)
+    a = torch.full((w,), 1.0 / w, device=states[0].device)
     per_pair = math.inf
     for _ in range(repeat):
         pot_values, costs = [], []
@@ -113,6 +114,7 @@ def pot_loop_sample(states: list[torch.Tensor], correct: list[bool], cfg: ShearC
             pot_values.append(ot.sinkhorn2(a, a, cost, cfg.epsilon, method="sinkhorn_log", stopThr=cfg.tol,
                                            numItermax=cfg.max_iter))
             costs.append(cost)
+        _synchronize(states[0].device)
         per_pair = min(per_pair, (time.perf_counter() - start) / samples)
     ours, _ = sinkhorn_transport_cost(torch.stack(costs), cfg.epsilon, cfg.tol, cfg.max_iter)
     pot = torch.stack([torch.as_tensor(v) for v in pot_values]).to(ours)
@@ -131,11 +133,17 @@ def w1_floor(states: list[torch.Tensor], correct: list[bool], cfg: ShearConfig, 
     must = 0
     for _ in range(samples):
         k, l = rng.randrange(good.num_spans), rng.randrange(bad.num_spans)
-        x, y = span(good, k).double().numpy(), span(bad, l).double().numpy()
+        x, y = span(good, k).double().cpu().numpy(), span(bad, l).double().cpu().numpy()
         w1 = ot.emd2(ot.unif(len(x)), ot.unif(len(y)), ot.dist(x, y, metric="euclidean"))
         must += w1 < float(best_good[k]) or w1 < float(best_bad[l])
     share = must / samples
     return share, (share * (1 - share) / samples) ** 0.5
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall times count it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def run_engine(states, correct, cfg, repeat: int = 1) -> tuple[list[torch.Tensor], float, ShearStats]:
@@ -145,29 +153,35 @@ def run_engine(states, correct, cfg, repeat: int = 1) -> tuple[list[torch.Tensor
         stats = ShearStats()
         start = time.perf_counter()
         weights = group_token_weights(states, correct, cfg, stats=stats)
+        _synchronize(states[0].device)
         seconds = min(seconds, time.perf_counter() - start)
     return weights, seconds, stats
 
 
-def paper_scale(seed: int, budget_mb: float) -> None:
+def paper_scale(seed: int, budget_mb: float, device: torch.device) -> None:
     """The issue's memory case: G=8 (4/4) x 3000 tokens x d=3584, memory_budget_mb=budget_mb. Prints
-    the time, the solves and the process's peak RSS above what it held before the call, after a
-    small warm-up group (an upper bound on the engine's working memory: the peak may also come from
-    building the inputs)."""
+    the time, the solves and the peak memory above what was held before the call, after a small
+    warm-up group: on the CPU the process's peak RSS (an upper bound on the engine's working memory:
+    the peak may also come from building the inputs), on a GPU torch's peak allocation there."""
     import psutil
 
     correct = [True] * 4 + [False] * 4
-    states = phased_group([3000] * 8, correct, 3584, seed)
+    states = [h.to(device) for h in phased_group([3000] * 8, correct, 3584, seed)]
     cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05, memory_budget_mb=budget_mb)
     group_token_weights([h[:300] for h in states[3:5]], correct[3:5], cfg)  # torch's one-time thread pools etc.
     gc.collect()
-    before = psutil.Process().memory_info().rss
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if on_gpu else psutil.Process().memory_info().rss
     _, seconds, st = run_engine(states, correct, cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = (torch.cuda.max_memory_allocated(device) if on_gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     inputs = sum(h.numel() * h.element_size() for h in states)
     print(f"G=8 4/4 T=3000 d=3584: {seconds:.1f} s, {st.sinkhorn_solves} solves of {st.candidate_pairs} pairs "
           f"({100 * st.sinkhorn_solves / st.candidate_pairs:.1f}%), {st.capped_solves} capped; inputs "
-          f"{inputs / 2**20:.0f} MiB; peak RSS above the pre-call RSS: {(peak - before) / 2**20:.0f} MiB "
+          f"{inputs / 2**20:.0f} MiB on {device}; peak {'allocation' if on_gpu else 'RSS'} above the pre-call one: "
+          f"{(peak - before) / 2**20:.0f} MiB "
           f"(memory_budget_mb={budget_mb:g})")
 
 
@@ -187,12 +201,15 @@ def main() -> None:
     parser.add_argument("--budget-mb", type=float, default=1024.0, help="memory_budget_mb for --paper-scale")
     parser.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn eps in units of the group's mean norm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the hidden states live (the engine runs there; "
+                        "so does the POT loop, on POT's torch backend)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the engine, no-prune and the POT loop's "
                         "sample; the fastest counts (the same for all three: on a shared 2-core machine single "
                         "runs varied by 10-20 %%)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.paper_scale:
-        return paper_scale(args.seed, args.budget_mb)
+        return paper_scale(args.seed, args.budget_mb, device)
 
     cfg = ShearConfig(span_len=100, stride=25, epsilon=args.epsilon)
     rng = random.Random(args.seed)
@@ -215,7 +232,8 @@ def main() -> None:
         cases.append((f"G=8 {split} d={d} T={min(lengths)}-{max(lengths)}", states, correct, seed))
     samples = args.samples or (30 if args.quick else 100)
     kind = args.states or ("i.i.d." if args.iid else "phased")
-    print(f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, POT {ot.__version__}, {where}, "
           f"{kind} states, w={cfg.span_len} s={cfg.stride} eps={cfg.epsilon} "
           f"({cfg.epsilon_mode}) tol={cfg.tol} max_iter={cfg.max_iter}; POT loop: {samples} random span pairs timed, "
           f"extrapolated to all pairs; times: fastest of {args.repeat} runs")
@@ -225,6 +243,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name, states, correct, seed in cases:
+        states = [h.to(device) for h in states]
         weights, t_engine, st = run_engine(states, correct, cfg, args.repeat)
         brute, t_brute, st_brute = run_engine(states, correct, dataclasses.replace(cfg, prune=False), args.repeat)
         per_pair, pot_diff = pot_loop_sample(states, correct, cfg, samples, seed, args.repeat)

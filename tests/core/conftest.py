@@ -3,6 +3,9 @@
 Written from SHEAR_SPEC.md independently of shear_verl.core: loops over every rollout, span,
 opposing rollout and opposing span, exactly as Algorithm 1 reads, with POT for the transport
 problems. Slow on purpose; only for small groups.
+
+The engine's inputs are on the CPU, or on the device that SHEAR_TEST_DEVICE names (e.g. cuda: the
+same checks of the GPU path against POT; ``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def reference():
 def solver_path(request, monkeypatch):
     """Both implementations of the tiled solver's loops, run here on the CPU: numba's per-problem
     kernels (``shear_verl.core.fused``, the path for host tensors) and batched torch operations (the
-    path for GPU tensors, forced here)."""
+    path for GPU tensors, forced here). With SHEAR_TEST_DEVICE=cuda both run the torch path."""
     if request.param == "torch":
         from shear_verl.core import sinkhorn
 

@@ -5,9 +5,13 @@ t*, then from a shifted one. On incorrect rollouts, the weights after t* must se
 before it (AUC >= 0.95).
 """
 
+import os
+
 import torch
 
 from shear_verl.core import ShearConfig, group_token_weights
+
+DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
 
 
 def _auc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
@@ -27,7 +31,7 @@ def test_weights_separate_tokens_after_the_divergence_point():
         h = torch.randn(length, d, generator=g)
         if not ok:
             h[t_star:] += shift
-        states.append(h)
+        states.append(h.to(DEVICE))
     weights = group_token_weights(states, correct, ShearConfig(span_len=40, stride=10))
     for w, ok in zip(weights, correct):
         if not ok:

@@ -1,5 +1,7 @@
 """The batched log-domain Sinkhorn solver against POT (the independent reference)."""
 
+import os
+
 import numpy as np
 import ot
 import pytest
@@ -9,12 +11,14 @@ from shear_verl.core import sinkhorn as sinkhorn_module
 from shear_verl.core.sinkhorn import (Anderson, RunningMinima, _kernel_products, _Tiling, adapt_relaxation,
                                       sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound)
 
+DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
+
 
 def _costs(batch, n, m, d, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, d, generator=g, dtype=dtype)
     y = torch.randn(batch, m, d, generator=g, dtype=dtype) + 0.5
-    return torch.cdist(x, y)  # [B, n, m], Euclidean ground cost
+    return torch.cdist(x, y).to(DEVICE)  # [B, n, m], Euclidean ground cost
 
 
 @pytest.mark.parametrize(("n", "m", "epsilon"), [(12, 12, 0.5), (10, 17, 0.2), (30, 7, 1.0), (1, 9, 0.3)])
@@ -23,7 +27,7 @@ def test_equals_pot_sinkhorn_log_float64(n, m, epsilon):
     values, capped = sinkhorn_transport_cost(costs, epsilon, tol=1e-12, max_iter=100_000)
     assert not capped.any()
     for c, v in zip(costs, values):
-        ref = ot.sinkhorn2(ot.unif(n), ot.unif(m), c.numpy(), epsilon, method="sinkhorn_log",
+        ref = ot.sinkhorn2(ot.unif(n), ot.unif(m), c.cpu().numpy(), epsilon, method="sinkhorn_log",
                            stopThr=1e-13, numItermax=200_000)
         assert abs(float(v) - ref) <= 1e-6 * ref
 
@@ -32,19 +36,19 @@ def test_float32_close_to_pot():
     costs = _costs(8, 20, 20, 6, seed=1)
     values, capped = sinkhorn_transport_cost(costs.float(), 0.3, tol=1e-6, max_iter=10_000)
     assert values.dtype == torch.float32 and not capped.any()
-    ref = [ot.sinkhorn2(ot.unif(20), ot.unif(20), c.numpy(), 0.3, method="sinkhorn_log", stopThr=1e-13) for c in costs]
-    np.testing.assert_allclose(values.double().numpy(), ref, rtol=1e-5)
+    ref = [ot.sinkhorn2(ot.unif(20), ot.unif(20), c.cpu().numpy(), 0.3, method="sinkhorn_log", stopThr=1e-13) for c in costs]
+    np.testing.assert_allclose(values.double().cpu().numpy(), ref, rtol=1e-5)
 
 
 def test_tends_to_exact_w1_as_epsilon_shrinks():
     costs = _costs(3, 8, 8, 3, seed=2)
-    exact = np.array([ot.emd2(ot.unif(8), ot.unif(8), c.numpy()) for c in costs])
+    exact = np.array([ot.emd2(ot.unif(8), ot.unif(8), c.cpu().numpy()) for c in costs])
     gaps = []
     for epsilon in (0.5, 0.1, 0.05):  # smaller eps needs far more iterations, in POT too
         values, capped = sinkhorn_transport_cost(costs, epsilon, tol=1e-9, max_iter=100_000)
         assert not capped.any()
-        assert (values.numpy() >= exact - 1e-9).all()  # <P_eps, C> of a coupling is >= W1
-        gaps.append(np.abs(values.numpy() - exact).max())
+        assert (values.cpu().numpy() >= exact - 1e-9).all()  # <P_eps, C> of a coupling is >= W1
+        gaps.append(np.abs(values.cpu().numpy() - exact).max())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02 * exact.min()
 
 
@@ -57,13 +61,13 @@ def test_reports_capped_problems_instead_of_hiding_them():
 
 
 def test_empty_batch():
-    values, capped = sinkhorn_transport_cost(torch.zeros(0, 5, 5), 0.1, 1e-6, 100)
+    values, capped = sinkhorn_transport_cost(torch.zeros(0, 5, 5, device=DEVICE), 0.1, 1e-6, 100)
     assert values.shape == (0,) and capped.shape == (0,)
 
 
 def _pot(costs, epsilon):
     n, m = costs.shape[1:]
-    return np.array([ot.sinkhorn2(ot.unif(n), ot.unif(m), c.double().numpy(), epsilon, method="sinkhorn_log",
+    return np.array([ot.sinkhorn2(ot.unif(n), ot.unif(m), c.double().cpu().numpy(), epsilon, method="sinkhorn_log",
                                   stopThr=1e-13, numItermax=200_000) for c in costs])
 
 
@@ -72,7 +76,7 @@ def test_over_relaxation_keeps_the_fixed_point(omega):
     costs = _costs(7, 15, 11, 5, seed=4)
     values, capped = sinkhorn_transport_cost(costs, 0.1, tol=1e-12, max_iter=100_000, omega=omega)
     assert not capped.any()
-    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.1), rtol=1e-6)
+    np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.1), rtol=1e-6)
 
 
 def _sor_rate(eta, omega):
@@ -107,7 +111,7 @@ def test_blocking_and_refill_give_the_same_values(block):
     costs = _costs(10, 9, 13, 3, seed=5)  # 10 problems through blocks of 1 and 3 (refilled) or one block
     values, capped = sinkhorn_transport_cost(costs, 0.2, tol=1e-12, max_iter=100_000, block=block)
     assert not capped.any()
-    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.2), rtol=1e-6)
+    np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.2), rtol=1e-6)
 
 
 def test_far_outlier_rows_do_not_underflow_float32():
@@ -117,7 +121,7 @@ def test_far_outlier_rows_do_not_underflow_float32():
     costs[1, 4] += 40.0
     values, capped = sinkhorn_transport_cost(costs.float(), 0.2, tol=1e-6, max_iter=100_000)
     assert torch.isfinite(values).all() and not capped.any()
-    np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
+    np.testing.assert_allclose(values.double().cpu().numpy(), _pot(costs, 0.2), rtol=1e-5)
 
 
 def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
@@ -131,7 +135,7 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
     p, q, r = p.reshape(-1), q.reshape(-1), torch.arange(L)
     tiles = (p[:, None, None] + r[None, :, None]) * nq + q[:, None, None] + r[None, None, :]  # [P, L, L]
     costs = torch.stack([dist[i * g:(i + L) * g, j * g:(j + L) * g] for i, j in zip(p.tolist(), q.tolist())])
-    return blocks, tiles, costs
+    return blocks.to(DEVICE), tiles.to(DEVICE), costs.to(DEVICE)
 
 
 @pytest.mark.parametrize("memory", [0, 5])
@@ -140,7 +144,7 @@ def test_tiled_equals_pot_on_shared_blocks(memory, solver_path):
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
                                                                    memory=memory)
     assert solved.all() and not capped.any() and not pruned.any()
-    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
+    np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
 def test_tiled_acceleration_takes_fewer_iterations(monkeypatch):
@@ -168,11 +172,11 @@ def test_fused_kernels_run_the_torch_paths_iterations(memory, monkeypatch):
     batched, _, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-8, max_iter=10_000,
                                                           memory=memory, check_every=1)
     assert fused_solved.all() and solved.all()
-    np.testing.assert_allclose(fused.numpy(), batched.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fused.cpu().numpy(), batched.cpu().numpy(), rtol=1e-12)
     # one iteration apart they differ by far more
     shorter, _, _, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-7, max_iter=10_000,
                                                      memory=memory, check_every=1)
-    assert np.abs(shorter.numpy() / batched.numpy() - 1).max() > 1e-10
+    assert np.abs(shorter.cpu().numpy() / batched.cpu().numpy() - 1).max() > 1e-10
 
 
 def test_anderson_solves_a_linear_fixed_point_like_gmres():
@@ -217,7 +221,7 @@ def test_kernel_products_equal_the_written_out_matrices(step, monkeypatch):
     tiles, kernels = tiles[::step], torch.exp(-costs[::step] / 0.5)  # [P, 12, 12]
     k_mul, kt_mul = _kernel_products(tiles, torch.exp(-blocks / 0.5))
     assert len(tilings) == (step == 1)
-    v = torch.rand(tiles.shape[0], 3, 4, dtype=torch.float64)
+    v = torch.rand(tiles.shape[0], 3, 4, dtype=torch.float64).to(DEVICE)
     torch.testing.assert_close(k_mul(v).flatten(1), torch.einsum("pij,pj->pi", kernels, v.flatten(1)))
     torch.testing.assert_close(kt_mul(v).flatten(1), torch.einsum("pij,pi->pj", kernels, v.flatten(1)))
 
@@ -226,7 +230,7 @@ def test_tiled_equals_pot_on_written_out_kernels(solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
     values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles[::20], 0.3, tol=1e-12, max_iter=100_000)
     assert solved.all() and not capped.any()
-    np.testing.assert_allclose(values.numpy(), _pot(costs[::20], 0.3), rtol=1e-6)
+    np.testing.assert_allclose(values.cpu().numpy(), _pot(costs[::20], 0.3), rtol=1e-6)
 
 
 def _spy_dtypes(monkeypatch):
@@ -250,7 +254,7 @@ def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch, solve
     values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
     assert solved.all() and not capped.any() and values.dtype == torch.float32
     assert calls == [(torch.float32, tiles.shape[0]), (torch.float64, int(uses_block_0.sum()))]
-    np.testing.assert_allclose(values.double().numpy(), _pot(costs, 0.2), rtol=1e-5)
+    np.testing.assert_allclose(values.double().cpu().numpy(), _pot(costs, 0.2), rtol=1e-5)
 
 
 def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monkeypatch, solver_path):
@@ -261,7 +265,7 @@ def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monk
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
     assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any() and not pruned.any()
     assert [dtype for dtype, _ in calls] == [torch.float32, torch.float64]
-    np.testing.assert_allclose(values[solved].double().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
+    np.testing.assert_allclose(values[solved].double().cpu().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
 
 
 def test_tiled_reports_capped_problems(solver_path):
@@ -274,33 +278,33 @@ def test_tiled_packs_any_number_of_users_per_block(solver_path):
     # 1, 2, 3, 5, 9 or 20 users of a block: every slot bucket of the packed layout (1 to 32 slots),
     # including problems repeated and a block used at several positions of one problem.
     blocks, tiles, costs = _grid_tiling(16, 20, 4, 2, 3, seed=11)
-    repeat = torch.tensor([0] * 20 + [1] * 4 + [5] * 2 + [7])
-    odd = torch.tensor([[[3, 3], [3, 0]]])  # block 3 at three positions of one problem
+    repeat = torch.tensor([0] * 20 + [1] * 4 + [5] * 2 + [7], device=DEVICE)
+    odd = torch.tensor([[[3, 3], [3, 0]]], device=DEVICE)  # block 3 at three positions of one problem
     tiles = torch.cat([tiles[repeat], odd])
     costs = torch.cat([costs[repeat], blocks[odd[0]].permute(0, 2, 1, 3).reshape(1, 8, 8)])
     tiling = _Tiling(tiles)
     assert sorted({size for _, _, size, _ in tiling.buckets}) == [1, 2, 4, 8, 32]
     values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000)
     assert solved.all() and not capped.any()
-    np.testing.assert_allclose(values.numpy(), _pot(costs, 0.3), rtol=1e-6)
+    np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
 def _exact_w1(costs):
-    return np.array([ot.emd2(ot.unif(c.shape[0]), ot.unif(c.shape[1]), c.numpy()) for c in costs])
+    return np.array([ot.emd2(ot.unif(c.shape[0]), ot.unif(c.shape[1]), c.cpu().numpy()) for c in costs])
 
 
 def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise(solver_path):
     blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=12)  # 24 problems of 12 x 12
     w1 = _exact_w1(costs)
     # POT's exact dual potentials (network simplex): the c-transforms keep them optimal.
-    f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.numpy(), log=True)[1]["u"]) for c in costs])
+    f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.cpu().numpy(), log=True)[1]["u"]) for c in costs]).to(DEVICE)
     bound, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4))
-    np.testing.assert_allclose(bound.numpy(), w1, rtol=1e-9)
+    np.testing.assert_allclose(bound.cpu().numpy(), w1, rtol=1e-9)
     # Any other potential, e.g. random or shifted by a constant: still a lower bound.
-    f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert (w1_dual_bound(blocks, tiles, f_rand)[0].numpy() <= w1 + 1e-12).all()
+    f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
+    assert (w1_dual_bound(blocks, tiles, f_rand)[0].cpu().numpy() <= w1 + 1e-12).all()
     shifted, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4) + 7.0)
-    np.testing.assert_allclose(shifted.numpy(), w1, rtol=1e-9)
+    np.testing.assert_allclose(shifted.cpu().numpy(), w1, rtol=1e-9)
 
 
 def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once(solver_path):
@@ -308,17 +312,17 @@ def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once(solver_path):
     their row potential is >= the first and still <= W1 (POT's exact W1); a third returns the second."""
     blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=14)
     w1 = _exact_w1(costs)
-    f = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    f = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     first, f_c = w1_dual_bound(blocks, tiles, f)
     second, f_cc = w1_dual_bound(blocks, tiles, f_c, transposed=True)
     third, _ = w1_dual_bound(blocks, tiles, f_cc)
     assert (second >= first - 1e-12).all() and (second > first + 1e-3).any()
-    assert (second.numpy() <= w1 + 1e-12).all()
-    np.testing.assert_allclose(third.numpy(), second.numpy(), rtol=1e-12)
+    assert (second.cpu().numpy() <= w1 + 1e-12).all()
+    np.testing.assert_allclose(third.cpu().numpy(), second.cpu().numpy(), rtol=1e-12)
     # f^c and f^cc written out: min_x C(x, y) - f(x), min_y C(x, y) - f^c(y)
-    np.testing.assert_allclose(f_c.reshape(-1, 12).numpy(), (costs - f.reshape(-1, 12, 1)).amin(1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(f_c.reshape(-1, 12).cpu().numpy(), (costs - f.reshape(-1, 12, 1)).amin(1).cpu().numpy(), rtol=1e-12)
     dense_f_c = f_c.reshape(-1, 12)
-    np.testing.assert_allclose(f_cc.reshape(-1, 12).numpy(), (costs - dense_f_c[:, None, :]).amin(2).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(f_cc.reshape(-1, 12).cpu().numpy(), (costs - dense_f_c[:, None, :]).amin(2).cpu().numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -327,16 +331,16 @@ def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype, solver_p
     ref = _pot(costs.double(), 0.3)
     P = tiles.shape[0]
     # Each problem is its own row and column; the known bests are the median, +inf for every 5th.
-    known = torch.full((P,), float(np.median(ref)), dtype=dtype)
+    known = torch.full((P,), float(np.median(ref)), dtype=dtype, device=DEVICE)
     known[::5] = float("inf")
-    minima = RunningMinima(torch.arange(P), torch.arange(P), known.clone(), known.clone())
+    minima = RunningMinima(torch.arange(P, device=DEVICE), torch.arange(P, device=DEVICE), known.clone(), known.clone())
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-7, max_iter=100_000,
                                                                    minima=minima)
     assert pruned.any() and not (solved & pruned).any() and (solved | pruned).all() and not capped.any()
     assert not pruned[::5].any()
-    assert (ref[pruned.numpy()] >= known[pruned].double().numpy()).all()  # W_eps really is >= both bests
+    assert (ref[pruned.cpu().numpy()] >= known[pruned].double().cpu().numpy()).all()  # W_eps really is >= both bests
     assert torch.isnan(values[pruned]).all()
-    np.testing.assert_allclose(values[solved].double().numpy(), ref[solved.numpy()], rtol=1e-5)
+    np.testing.assert_allclose(values[solved].double().cpu().numpy(), ref[solved.cpu().numpy()], rtol=1e-5)
     torch.testing.assert_close(minima.best_rows[solved], torch.minimum(known, values)[solved])  # lowered by solves
 
 
@@ -348,12 +352,13 @@ def test_tiled_minima_are_lowered_by_the_problems_it_solves(solver_path):
     ref = _pot(costs, 0.3)
     P = tiles.shape[0]
     start = float(np.sort(ref)[P // 10])
-    minima = RunningMinima(torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long),
-                           torch.full((1,), start, dtype=torch.float64), torch.full((1,), start, dtype=torch.float64))
+    minima = RunningMinima(torch.zeros(P, dtype=torch.long, device=DEVICE), torch.zeros(P, dtype=torch.long, device=DEVICE),
+                           torch.full((1,), start, dtype=torch.float64, device=DEVICE),
+                           torch.full((1,), start, dtype=torch.float64, device=DEVICE))
     values, _, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-9, max_iter=100_000,
                                                               minima=minima)
     assert pruned.any() and (solved | pruned).all() and solved[int(np.argmin(ref))]
     assert float(minima.best_rows[0]) == pytest.approx(ref.min(), rel=1e-6)
     assert float(minima.best_cols[0]) == pytest.approx(ref.min(), rel=1e-6)
-    assert (ref[pruned.numpy()] >= start).all()
-    np.testing.assert_allclose(values[solved].numpy(), ref[solved.numpy()], rtol=1e-6)
+    assert (ref[pruned.cpu().numpy()] >= start).all()
+    np.testing.assert_allclose(values[solved].cpu().numpy(), ref[solved.cpu().numpy()], rtol=1e-6)

@@ -1,6 +1,7 @@
 """Invariances, exact pruning, chunking, input validation and configuration of the weight engine."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -11,13 +12,15 @@ from omegaconf import OmegaConf
 
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights, shear_advantages
 
+DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
+
 
 def _drifting_group(lengths, d, seed, dtype=torch.float64):
     """States that drift along the response (a random walk plus token noise), so span means differ
     and the pruning bound has something to prune."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(t, d, generator=g, dtype=dtype) * 0.6).cumsum(0) + torch.randn(t, d, generator=g, dtype=dtype)
-            for t in lengths]
+    return [((torch.randn(t, d, generator=g, dtype=dtype) * 0.6).cumsum(0) + torch.randn(t, d, generator=g, dtype=dtype))
+            .to(DEVICE) for t in lengths]
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,6 +1,7 @@
 """group_token_weights against the per-span-pair POT reference of conftest.py (all metrics and options)."""
 
 import itertools
+import os
 from unittest import mock
 
 import numpy as np
@@ -11,12 +12,14 @@ from shear_verl.core import ShearConfig, ShearStats, group_token_weights
 from shear_verl.core import sinkhorn as sinkhorn_module
 from shear_verl.core import weights as engine
 
+DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
+
 
 def _group(lengths, d, seed):
     g = torch.Generator().manual_seed(seed)
     # a per-rollout drift so spans differ and the minimum is not a tie
-    return [torch.randn(t, d, generator=g, dtype=torch.float64) * 2 + torch.randn(1, d, generator=g, dtype=torch.float64)
-            for t in lengths]
+    return [(torch.randn(t, d, generator=g, dtype=torch.float64) * 2 + torch.randn(1, d, generator=g, dtype=torch.float64))
+            .to(DEVICE) for t in lengths]
 
 
 # uneven lengths, T < span_len (4, 6), an empty rollout (0)
@@ -33,12 +36,12 @@ def test_matches_reference(reference, metric, normalization, pooling):
                       tol=1e-11, max_iter=100_000, compute_dtype="float64")
     stats = ShearStats()
     got = group_token_weights(states, CORRECT, cfg, stats=stats)
-    want = reference.token_weights([h.numpy() for h in states], list(CORRECT), span_len=6, stride=2, metric=metric,
+    want = reference.token_weights([h.cpu().numpy() for h in states], list(CORRECT), span_len=6, stride=2, metric=metric,
                                    epsilon=0.5, epsilon_mode="relative", normalization=normalization, pooling=pooling)
     assert [w.dtype for w in got] == [torch.float32] * len(LENGTHS)
     assert [w.shape[0] for w in got] == list(LENGTHS)
     for w, r in zip(got, want):
-        np.testing.assert_allclose(w.numpy(), r, rtol=2e-6, atol=1e-7)  # float32 output
+        np.testing.assert_allclose(w.cpu().numpy(), r, rtol=2e-6, atol=1e-7)  # float32 output
     assert stats.capped_solves == 0 and stats.mixed_groups == 1 and stats.fallback_rollouts == 0
 
 
@@ -49,10 +52,10 @@ def test_absolute_epsilon_matches_reference(reference, metric):
     cfg = ShearConfig(span_len=5, stride=2, metric=metric, epsilon=1.5, epsilon_mode="absolute", tol=1e-11,
                       max_iter=100_000, compute_dtype="float64")
     got = group_token_weights(states, correct, cfg)
-    want = reference.token_weights([h.numpy() for h in states], list(correct), span_len=5, stride=2, metric=metric,
+    want = reference.token_weights([h.cpu().numpy() for h in states], list(correct), span_len=5, stride=2, metric=metric,
                                    epsilon=1.5, epsilon_mode="absolute", normalization="group", pooling="max")
     for w, r in zip(got, want):
-        np.testing.assert_allclose(w.numpy(), r, rtol=2e-6)
+        np.testing.assert_allclose(w.cpu().numpy(), r, rtol=2e-6)
 
 
 @pytest.mark.parametrize("correct", [(True,), (False,), (True, True, True), (False, False), (True, False)])
@@ -75,10 +78,10 @@ def test_float32_default_close_to_reference(reference):
     correct = (True, False, False, True)
     cfg = ShearConfig(span_len=10, stride=5, epsilon=0.2)
     got = group_token_weights([h.float() for h in states], correct, cfg)
-    want = reference.token_weights([h.numpy() for h in states], list(correct), span_len=10, stride=5, metric="sinkhorn",
+    want = reference.token_weights([h.cpu().numpy() for h in states], list(correct), span_len=10, stride=5, metric="sinkhorn",
                                    epsilon=0.2, epsilon_mode="relative", normalization="group", pooling="max")
     for w, r in zip(got, want):
-        np.testing.assert_allclose(w.numpy(), r, rtol=1e-4)
+        np.testing.assert_allclose(w.cpu().numpy(), r, rtol=1e-4)
 
 
 # span_len=32, stride=16: blocks of g = gcd = 16 tokens, so the pairs of full spans go to the tiled
@@ -114,11 +117,11 @@ def test_tiled_solver_matches_reference(reference, prune, dtype, epsilon, rtol, 
     stats = ShearStats()
     with mock.patch.object(engine, "tiled_sinkhorn_transport_cost", spy):
         got = group_token_weights(states, TILED_CORRECT, cfg, stats=stats)
-    want = reference.token_weights([h.numpy() for h in states], list(TILED_CORRECT), span_len=32, stride=16,
+    want = reference.token_weights([h.cpu().numpy() for h in states], list(TILED_CORRECT), span_len=32, stride=16,
                                    metric="sinkhorn", epsilon=epsilon, epsilon_mode="relative", normalization="group",
                                    pooling="max")
     for w, r in zip(got, want):
-        np.testing.assert_allclose(w.numpy(), r, rtol=rtol)
+        np.testing.assert_allclose(w.cpu().numpy(), r, rtol=rtol)
     assert 0 < sum(tiled_solves) < stats.sinkhorn_solves  # both solvers took part
     assert sum(left) == 0
     assert set(passes) == ({torch.float32, torch.float64} if dtype == "float32" else {torch.float64})
@@ -133,8 +136,8 @@ def test_default_spans_with_one_side_shorter_than_span_len(reference, lengths):
     states = _group(lengths, 4, seed=13)
     correct = (True, False, False)
     got = group_token_weights([h.float() for h in states], correct, ShearConfig())
-    want = reference.token_weights([h.numpy() for h in states], list(correct), span_len=100, stride=25,
+    want = reference.token_weights([h.cpu().numpy() for h in states], list(correct), span_len=100, stride=25,
                                    metric="sinkhorn", epsilon=0.05, epsilon_mode="relative", normalization="group",
                                    pooling="max")
     for w, r in zip(got, want):
-        np.testing.assert_allclose(w.numpy(), r, rtol=1e-4)
+        np.testing.assert_allclose(w.cpu().numpy(), r, rtol=1e-4)
