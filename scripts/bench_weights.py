@@ -12,10 +12,10 @@ times are the fastest of --repeat runs, 3 by default):
   no-prune     the same engine solving every span pair (brute force)
   POT loop     the naive way, per span pair: M = ot.dist(x, y, metric="euclidean"), then
                ot.sinkhorn2(a, b, M, eps, method="sinkhorn_log", stopThr=tol, numItermax=max_iter)
-               on the float32 torch tensors, on the engine's --device (POT's torch backend: on this 2-core machine it was
-               faster than numpy float32 / float64 inputs, ~2.6 vs ~8.8 / ~10.8 ms per pair). Far
-               too slow to run in full: it is timed on a random sample of span pairs and
-               extrapolated to all pairs (counting each unordered pair once, which favours POT:
+               on the float32 torch tensors, on the engine's --device (POT's torch backend: on this
+               2-core machine it was faster than numpy float32 / float64 inputs, ~2.6 vs ~8.8 / ~10.8 ms
+               per pair). Far too slow to run in full: it is timed on a random sample of span pairs
+               and extrapolated to all pairs (counting each unordered pair once, which favours POT:
                Algorithm 1's loop visits each pair from both sides).
   solves       transport problems solved (the POT loop solves every pair)
   stopped      candidates the engine started but stopped at one of its checks (every 8 iterations),
