@@ -15,6 +15,7 @@ import torch
 
 from shear_verl.core import ShearConfig
 from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, uid_of_key
+from shear_verl.integration.dump import write_records
 from shear_verl.integration.estimator import pending_weights
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
 from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY, sequence_scores
@@ -107,9 +108,42 @@ def compute_advantage(trainer, orig, batch, metrics):
     if warning is not None and not getattr(trainer, "_shear_warned_capped", False):
         trainer._shear_warned_capped = True  # once per run: shear/capped_solves is logged every step
         logger.warning(warning)
-    with pending_weights(weights, uids):
+    with pending_weights(weights, uids) as handoff:
         out = orig(batch, metrics)
+    settings = trainer._shear_settings
+    if settings.dump_every > 0 and trainer.global_steps % settings.dump_every == 0:
+        metrics["shear/dump_rollouts"] = float(
+            dump_credit(trainer, out, uids, scores, weights, handoff["grpo_advantages"], settings))
     return strip_shear_fields(out)
+
+
+def dump_credit(trainer, batch, uids, scores, weights, grpo_advantages, settings: ShearSettings):
+    """Write this step's credit dump (shear_verl.integration.dump); returns its number of rollouts."""
+    import os
+
+    import transfer_queue as tq
+
+    from shear_verl.integration.balance import PAD_UID_PREFIX
+    from shear_verl.integration.dump import DUMP_SUBDIR, credit_records, dump_path, reward_extra_infos, select_groups
+
+    fields = ["responses", "response_mask", "advantages", "extra_fields"]
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+    correct = scores > settings.correct_threshold  # [B]
+    real = [i for i, u in enumerate(uids) if not u.startswith(PAD_UID_PREFIX)]
+    chosen = set(select_groups([uids[i] for i in real], [bool(correct[i]) for i in real], settings.dump_groups))
+    extra = reward_extra_infos(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(uids)
+    records = credit_records(
+        step=trainer.global_steps, estimator=ESTIMATOR_NAME, uids=uids,
+        rows=[i for i in real if uids[i] in chosen],
+        response_ids=list(data["responses"].unbind()), response_mask=list(data["response_mask"].unbind()),
+        scores=scores, correct=correct, weights=weights, grpo_advantages=grpo_advantages,
+        advantages=list(data["advantages"].unbind()), extra_info=extra,
+        decode=lambda ids: trainer.tokenizer.decode(ids),
+    )
+    root = settings.dump_dir or os.path.join(trainer.config.trainer.default_local_dir, DUMP_SUBDIR)
+    path = write_records(records, dump_path(root, trainer.global_steps))
+    logger.info("SHEAR credit dump: %d rollouts -> %s", len(records), path)
+    return len(records)
 
 
 # Share of a step's Sinkhorn solves that may stop at max_iter before a warning (a few slow problems

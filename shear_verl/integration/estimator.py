@@ -2,7 +2,8 @@
 
 verl calls a registered estimator with only rewards, mask, config and uids, so the per-token
 weights computed on the workers reach it through :func:`pending_weights`, which the driver
-wrapper of `_compute_advantage` opens around verl's own advantage step.
+wrapper of `_compute_advantage` opens around verl's own advantage step; the estimator hands the
+GRPO advantages it scaled back through the same handle (for the credit dumps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from shear_verl.core import shear_advantages
 from shear_verl.integration.settings import ESTIMATOR_NAME
 
-_PENDING: contextvars.ContextVar[tuple[torch.Tensor, list[str]] | None] = contextvars.ContextVar(
+_PENDING: contextvars.ContextVar[tuple[torch.Tensor, list[str], dict] | None] = contextvars.ContextVar(
     "shear_pending_weights", default=None
 )
 
@@ -33,11 +34,16 @@ MISSING_WEIGHTS_HELP = (
 
 
 @contextlib.contextmanager
-def pending_weights(weights: torch.Tensor, uids: Sequence[str]) -> Iterator[None]:
-    """Make `weights` [B, T] (rows in batch order, uid per row) visible to the estimator."""
-    token = _PENDING.set((weights, [str(u) for u in uids]))
+def pending_weights(weights: torch.Tensor, uids: Sequence[str]) -> Iterator[dict]:
+    """Make `weights` [B, T] (rows in batch order, uid per row) visible to the estimator.
+
+    Yields a dict in which the estimator leaves ``"grpo_advantages"`` [B, T], the unscaled GRPO
+    advantages of the same rows.
+    """
+    handoff: dict = {}
+    token = _PENDING.set((weights, [str(u) for u in uids], handoff))
     try:
-        yield
+        yield handoff
     finally:
         _PENDING.reset(token)
 
@@ -65,7 +71,7 @@ def compute_shear_outcome_advantage(
     pending = _PENDING.get()
     if pending is None:
         raise RuntimeError(MISSING_WEIGHTS_HELP)
-    weights, uids = pending
+    weights, uids, handoff = pending
     if index is None:
         raise RuntimeError("the shear estimator needs the GRPO group ids (`uid`) of the batch")
     if tuple(weights.shape) != tuple(response_mask.shape):
@@ -86,6 +92,7 @@ def compute_shear_outcome_advantage(
     )
     weights = weights.to(device=grpo_adv.device, dtype=grpo_adv.dtype)
     advantages = shear_advantages(grpo_adv, weights) * response_mask  # [B, T]
+    handoff["grpo_advantages"] = grpo_adv
     return advantages, advantages
 
 

@@ -11,7 +11,7 @@ from shear_verl.core import ShearConfig
 ESTIMATOR_NAME = "shear"
 
 # Knobs that are not the weight engine's (shear_verl.core.ShearConfig) but the integration's.
-_INTEGRATION_KEYS = ("correct_threshold", "offload_to_cpu")
+_INTEGRATION_KEYS = ("correct_threshold", "offload_to_cpu", "dump_every", "dump_groups", "dump_dir")
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,19 @@ class ShearSettings:
     engine: ShearConfig
     correct_threshold: float = 0.5  # a rollout is correct iff its sequence score > this
     offload_to_cpu: bool = False  # keep captured hidden states in host memory between micro-batches
+    # Per-token credit dumps (driver side, shear_verl.integration.dump): every dump_every steps
+    # (0: off) dump_groups groups (0: all) as JSON lines under dump_dir.
+    dump_every: int = 0
+    dump_groups: int = 4
+    dump_dir: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"engine": asdict(self.engine), "correct_threshold": self.correct_threshold,
-                           "offload_to_cpu": self.offload_to_cpu})
+        return json.dumps({**asdict(self), "engine": asdict(self.engine)})
 
     @classmethod
     def from_json(cls, text: str) -> "ShearSettings":
         raw = json.loads(text)
-        return cls(engine=ShearConfig(**raw["engine"]), correct_threshold=float(raw["correct_threshold"]),
-                   offload_to_cpu=bool(raw["offload_to_cpu"]))
+        return cls(**{**raw, "engine": ShearConfig(**raw["engine"])})
 
 
 def settings_from_algorithm(algorithm_cfg: Any) -> ShearSettings:
@@ -46,7 +49,15 @@ def settings_from_algorithm(algorithm_cfg: Any) -> ShearSettings:
         raise ValueError(f"algorithm.shear.correct_threshold must be a number, got {threshold!r}")
     if not isinstance(offload, bool):
         raise ValueError(f"algorithm.shear.offload_to_cpu must be true/false, got {offload!r}")
-    return ShearSettings(engine=engine, correct_threshold=float(threshold), offload_to_cpu=offload)
+    dump_every, dump_groups = plain.get("dump_every", 0), plain.get("dump_groups", 4)
+    for name, value in (("dump_every", dump_every), ("dump_groups", dump_groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"algorithm.shear.{name} must be an integer >= 0, got {value!r}")
+    dump_dir = plain.get("dump_dir", None)
+    if dump_dir is not None and not isinstance(dump_dir, str):
+        raise ValueError(f"algorithm.shear.dump_dir must be a path, got {dump_dir!r}")
+    return ShearSettings(engine=engine, correct_threshold=float(threshold), offload_to_cpu=offload,
+                         dump_every=dump_every, dump_groups=dump_groups, dump_dir=dump_dir)
 
 
 def _plain(value: Any) -> Any:

@@ -7,6 +7,7 @@ SHEAR end-to-end tests::
     metrics = run_tiny(workdir, adv="grpo", steps=3)   # one dict of verl metrics per step
 """
 
+from . import counting
 from .assets import TinyAssets, TinySpec, build_assets
 from .report import plot_reward, summarize
 from .run import (

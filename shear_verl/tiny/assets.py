@@ -1,10 +1,13 @@
-"""Offline assets of the tiny run: a BPE tokenizer, a random-init Qwen2 model, the task data.
+"""Offline assets of the tiny run: a BPE tokenizer, a Qwen2 model, the task data.
 
 Everything is built locally (no model hub): the tokenizer is trained in well under a second with
 HF ``tokenizers`` and wrapped as a (fast) ``Qwen2Tokenizer`` with a Qwen-style chat template; the
-model is ``Qwen2ForCausalLM`` from a config. Builds are cached under ``<root>/<key>`` where the
-key hashes the spec, and written to a temporary directory first, so concurrent callers never see
-a half-written model.
+model is ``Qwen2ForCausalLM`` from a config, random-init or warm-started by a short supervised
+pass (:mod:`.warmstart`). Builds are cached under ``<root>/<key>`` where the key hashes the spec,
+and written to a temporary directory first, so concurrent callers never see a half-written model.
+
+Two tasks: ``parity`` (random-init model, 16-token answers; quick pipeline tests) and
+``counting`` (warm-started model, ~80-token answers with known first errors; the main job).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import task
+from . import counting, task
+from .warmstart import WarmStart, warm_start
+
+TASKS = {"parity": task, "counting": counting}  # name -> module with write_dataset, tokenizer_corpus
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -47,8 +53,19 @@ class TinySpec:
     n_train: int = 1024
     n_val: int = 64
     seed: int = 0
+    task: str = "parity"
+    warm_start: WarmStart | None = None  # supervised pass before RL (None: random init)
+
+    @classmethod
+    def counting(cls, **changes) -> "TinySpec":
+        """The counting task's model: 4 layers (2 do not learn to count in a 2-minute warm start),
+        positions for a 32-token prompt and a 96-token answer, warm-started."""
+        base = dict(task="counting", num_layers=4, max_position_embeddings=160, warm_start=WarmStart())
+        return cls(**{**base, **changes})
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"TinySpec.task must be one of {sorted(TASKS)}, got {self.task!r}")
         if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 64:
             raise ValueError(
                 f"hidden_size / num_heads must be an integer >= 64 (vLLM-CPU attention); "
@@ -58,7 +75,10 @@ class TinySpec:
             raise ValueError(f"vocab_size must be >= 128 (character alphabet + merges), got {self.vocab_size}")
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        fields = dataclasses.asdict(self)
+        if self.task == "parity" and self.warm_start is None:  # keep the parity assets' cache key
+            del fields["task"], fields["warm_start"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -89,7 +109,7 @@ def build_tokenizer(spec: TinySpec):
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator(task.tokenizer_corpus(spec.seed), trainer)
+    backend.train_from_iterator(TASKS[spec.task].tokenizer_corpus(spec.seed), trainer)
     bpe = json.loads(backend.to_str())["model"]
     return Qwen2Tokenizer(
         vocab=bpe["vocab"],
@@ -138,8 +158,12 @@ def build_assets(root: str | os.PathLike, spec: TinySpec = TinySpec()) -> TinyAs
     try:
         tokenizer = build_tokenizer(spec)
         tokenizer.save_pretrained(tmp / "model")
-        build_model(spec, tokenizer).save_pretrained(tmp / "model")
-        task.write_dataset(tmp / "data", spec.n_train, spec.n_val, spec.seed)
+        model = build_model(spec, tokenizer)
+        if spec.warm_start is not None:
+            losses = warm_start(model, tokenizer, spec.warm_start)
+            (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
+        model.save_pretrained(tmp / "model")
+        TASKS[spec.task].write_dataset(tmp / "data", spec.n_train, spec.n_val, spec.seed)
         (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1))
         try:
             os.rename(tmp, out)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REWARD_KEY = "critic/score/mean"  # verl's mean sequence score (the rule reward) of a step's rollouts
+SHEAR_TIME_KEY, STEP_TIME_KEY = "shear/time_s", "timing_s/step"
 SUMMARY_KEYS = {
     "actor/grad_norm": "grad_norm",
     "training/rollout_probs_diff_max": "rollout_probs_diff_max",
@@ -52,15 +53,37 @@ def summarize(metrics: Sequence[Mapping], wall_s: float | None = None, window: i
         f"reward_last{w}_mean": sum(reward[-w:]) / w,
     }
     summary.update({name: float(last[key]) for key, name in SUMMARY_KEYS.items() if key in last})
+    grad = [float(m["actor/grad_norm"]) for m in metrics if "actor/grad_norm" in m]
+    if grad:
+        summary["grad_norm_mean"] = sum(grad) / len(grad)
+    shares = [float(m[SHEAR_TIME_KEY]) / float(m[STEP_TIME_KEY]) for m in metrics
+              if SHEAR_TIME_KEY in m and float(m.get(STEP_TIME_KEY, 0)) > 0]
+    if shares:  # SHEAR's weight computation over the whole step's time, mean over steps
+        summary["shear_time_share"] = sum(shares) / len(shares)
     if wall_s is not None:
         summary["wall_s"] = round(wall_s, 1)
     return summary
 
 
+def credit_summary(records: Sequence[Mapping], span_len: int) -> dict:
+    """``divergence_auc`` of a run's credit dumps: per step and its mean over the run, with every
+    token before the error (``divergence_auc``) and without those sharing a span with it
+    (``divergence_auc_excl_span``); see :mod:`shear_verl.analysis`."""
+    from shear_verl.analysis import dump_divergence
+
+    out: dict = {}
+    for name, span in (("divergence_auc", None), ("divergence_auc_excl_span", span_len)):
+        per_step = dump_divergence(records, span_len=span)
+        if per_step:
+            out[name] = sum(v["divergence_auc"] for v in per_step.values()) / len(per_step)
+            out[f"{name}_per_step"] = {str(k): round(v["divergence_auc"], 4) for k, v in per_step.items()}
+    return out
+
+
 def format_summary(summaries: Mapping[str, Mapping]) -> str:
     """A plain-text table: one column per run."""
     runs = list(summaries)
-    keys = list(dict.fromkeys(k for s in summaries.values() for k in s))
+    keys = list(dict.fromkeys(k for s in summaries.values() for k in s if not isinstance(s[k], Mapping)))
     width = max(len(k) for k in keys) + 2
 
     def cell(value) -> str:
