@@ -1,7 +1,7 @@
 """Does the credit land where rollouts diverge? Separation scores of per-token credit.
 
 ``divergence_auc``: on an incorrect rollout whose first error is known (a grader's
-``first_error``), the probability that a token at or after the error carries more weight than a
+``first_error``) in a group that also holds a correct rollout, the probability that a token at or after the error carries more weight than a
 token before it (ties count half) -- the Mann-Whitney AUC of the two sets of weights. 1.0: every
 token from the error on outweighs every token before it; 0.5: no separation. With ``span_len``,
 the tokens just before the error that share a span with it (the ``span_len - 1`` before it) are
@@ -48,10 +48,16 @@ def divergence_auc(weights: Sequence[float], mask: Sequence[int], first_error: i
 
 def dump_divergence(rollouts: Iterable, span_len: int | None = None) -> dict[int, dict]:
     """Per step of credit-dump rollouts (:class:`shear_verl.view.Rollout`): mean ``divergence_auc``
-    over the incorrect ones with a known first error inside the response, and their number."""
+    over the incorrect ones with a known first error inside the response, and their number. Only
+    groups holding both outcomes count: a single-outcome group has no opposing side, SHEAR gives it
+    its fallback weight on every token, and its AUC (0.5) would say nothing about the distances."""
+    rollouts = list(rollouts)
+    outcomes: dict[tuple, set[bool]] = defaultdict(set)
+    for r in rollouts:
+        outcomes[(r.step, r.uid)].add(bool(r.correct))
     per_step: dict[int, list[float]] = defaultdict(list)
     for r in rollouts:
-        if r.correct or r.first_error is None:
+        if r.correct or r.first_error is None or len(outcomes[(r.step, r.uid)]) < 2:
             continue
         value = divergence_auc(r.weights, r.response_mask, r.first_error, span_len)
         if value is not None:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             runs[adv], wall = load_metrics(out / adv)
             summaries[adv] = summarize(runs[adv], wall_s=wall)
             summaries[adv].update(credit_report(out / adv / "credit", out / f"credit-{adv}.html", config.shear_span_len))
-    plot = plot_reward(runs, out / "reward.png")
+    plot = plot_reward(runs, out / "reward.png",
+                       divergence={a: s.get("divergence_auc_per_step", {}) for a, s in summaries.items()})
     summary = write_summary(summaries, out / "summary.json")
     print(f"\n{format_summary(summaries)}\n\nreward plot: {plot}\nsummary:     {summary}")
     this = summaries[args.adv]

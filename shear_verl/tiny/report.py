@@ -97,25 +97,44 @@ def format_summary(summaries: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def plot_reward(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, window: int = 5) -> Path:
-    """PNG of mean reward per step, one line per run (with its ``window``-step moving average)."""
+def plot_reward(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, window: int = 5,
+                divergence: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """PNG of mean reward per step, one line per run (with its ``window``-step moving average);
+    with ``divergence`` (run -> {step: divergence_auc}, from :func:`credit_summary`) a second panel
+    draws each run's ``divergence_auc`` per step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers / CI
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    divergence = {k: v for k, v in (divergence or {}).items() if v}
+    fig, axes = plt.subplots(2 if divergence else 1, 1, figsize=(7, 6.5 if divergence else 4), squeeze=False,
+                             sharex=True, height_ratios=[3, 2] if divergence else None)
+    ax = axes[0, 0]
+    colors = {}
     for name, metrics in runs.items():
         steps, reward = reward_curve(metrics)
         (line,) = ax.plot(steps, reward, marker=".", alpha=0.4, label=f"{name} (per step)")
+        colors[name] = line.get_color()
         w = min(window, len(reward))
         ax.plot(steps, trailing_mean(reward, w), color=line.get_color(), label=f"{name} ({w}-step mean)")
-    ax.set_xlabel("training step")
     ax.set_ylabel(f"mean reward ({REWARD_KEY})")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("tiny task on CPU: reward per step")
+    if divergence:
+        dax = axes[1, 0]
+        for name, per_step in divergence.items():
+            steps = sorted(per_step, key=int)
+            dax.plot([int(s) for s in steps], [per_step[s] for s in steps], marker="o", color=colors.get(name),
+                     label=f"{name}: divergence_auc")
+        dax.axhline(0.5, color="gray", lw=0.8, ls="--", label="0.5: no separation")
+        dax.set_ylim(0.3, 1.02)
+        dax.set_ylabel("divergence_auc")
+        dax.grid(alpha=0.3)
+        dax.legend(loc="lower right")
+    axes[-1, 0].set_xlabel("training step")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dumps", nargs="+", type=Path, metavar="DUMP.jsonl", help="credit dump file(s), JSON lines")
     parser.add_argument("--out", type=Path, default=Path("credit.html"), help="HTML page to write (default: credit.html)")
     parser.add_argument("--scale", choices=SCALES, default="dump",
-                        help="shade = weight / max weight of the whole dump (default) or of each group")
+                        help="shade = weight / max weight of the dump's mixed groups (default) or of each group")
     parser.add_argument("--step", type=int, action="append", dest="steps", metavar="S",
                         help="render only this step (repeatable; default: all steps)")
     args = parser.parse_args(argv)

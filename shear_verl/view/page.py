@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .dump import Rollout, read_dumps
 
-SCALES = ("dump", "group")  # weight / max weight of the whole dump, or of the rollout's group
+SCALES = ("dump", "group")  # weight / max weight of the dump's mixed groups, or of the rollout's group
 LEVELS = 10  # shading steps of weight / max weight
 MAX_ALPHA = 0.75  # strongest shade's opacity: the darkest shade leaves the text readable
 SIGN_RGB = {"p": (22, 163, 74), "n": (220, 38, 38), "z": (128, 128, 128)}  # advantage > 0, < 0, = 0
@@ -126,6 +126,15 @@ def _max_weight(rollouts: Sequence[Rollout]) -> float:
     return max((w for r in rollouts for w in r.masked_weights()), default=0.0)
 
 
+def mixed_groups_max_weight(steps: dict[int, dict[str, list[Rollout]]]) -> float:
+    """The dump scale: the max weight over groups holding both outcomes. Single-outcome groups keep
+    SHEAR's fallback weight (1), which would wash every mixed group's shades out; with no mixed
+    group at all, the max over everything."""
+    mixed = [r for groups in steps.values() for g in groups.values()
+             if any(x.correct for x in g) and not all(x.correct for x in g) for r in g]
+    return _max_weight(mixed) if mixed else _max_weight([r for gs in steps.values() for g in gs.values() for r in g])
+
+
 def _first_error_text(r: Rollout) -> str:
     fe = r.first_error
     if fe is None or fe < 0:
@@ -207,7 +216,8 @@ def _legend(scale: str, dump_max: float) -> str:
     ramp = "".join(sw(f"p{k}", "&nbsp;") for k in range(0, LEVELS + 1, 2))
     nramp = "".join(sw(f"n{k}", "&nbsp;") for k in range(0, LEVELS + 1, 2))
     zramp = "".join(sw(f"z{k}", "&nbsp;") for k in range(0, LEVELS + 1, 2))
-    scale_text = (f"the dump's max weight ({_num(dump_max)})" if scale == "dump"
+    scale_text = (f"the max weight of the dump's mixed groups ({_num(dump_max)}; a single-outcome group's "
+                  "fallback weight shows at full shade)" if scale == "dump"
                   else "the max weight of the token's group (shown in each group's header)")
     return (
         '<div class="legend"><b>Legend.</b> Each token is shaded by its SHEAR weight: shade = weight / '
@@ -223,14 +233,14 @@ def _legend(scale: str, dump_max: float) -> str:
 
 def render_page(rollouts: Sequence[Rollout], scale: str = "dump", title: str = "SHEAR credit view",
                 source: str = "") -> str:
-    """The whole page. ``scale``: shade by weight / the dump's max ("dump") or the group's max
+    """The whole page. ``scale``: shade by weight / the mixed groups' max ("dump") or the group's max
     ("group"). The last step's section starts open, earlier ones collapsed."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if not rollouts:
         raise ValueError("no rollouts to render")
     steps = group_rollouts(rollouts)
-    dump_max = _max_weight(rollouts)
+    dump_max = mixed_groups_max_weight(steps)
     last = max(steps)
     n_ok = sum(r.correct for r in rollouts)
     nav = " ".join(f'<a href="#s{s}">step {s}</a>' for s in steps)

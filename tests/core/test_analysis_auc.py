@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shear_verl.analysis import auc, divergence_auc
+from shear_verl.analysis import auc, divergence_auc, dump_divergence
 
 values = st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0, 2.0]) | st.floats(0, 3, width=32), min_size=1, max_size=30)
 
@@ -49,3 +49,26 @@ def test_divergence_auc_edge_cases():
     with pytest.raises(ValueError, match="non-empty"):
         auc([], [1.0])
     assert np.isclose(auc([1.0], [1.0]), 0.5)
+
+
+def test_dump_divergence_counts_incorrect_rollouts_of_mixed_groups_only():
+    from shear_verl.view import parse_rollout
+
+    def row(step, uid, correct, weights, first_error):
+        n = len(weights)
+        return parse_rollout({
+            "step": step, "uid": uid, "estimator": "shear", "score": float(correct), "correct": correct,
+            "response_ids": list(range(n)), "tokens": ["t"] * n, "response_mask": [1] * n, "weights": weights,
+            "grpo_advantage": [0.0] * n, "advantage": [0.0] * n,
+            "reward_extra_info": {"first_error": first_error}}, "test")
+
+    rising, flat = [0.1, 0.2, 0.9, 0.8], [1.0] * 4
+    rollouts = [
+        row(1, "a", True, [0.1] * 4, -1), row(1, "a", False, rising, 2), row(1, "a", False, [0.5, 0.9, 0.1, 0.1], 2),
+        row(1, "b", False, flat, 1), row(1, "b", False, flat, 2),  # no correct rollout: fallback weights
+        row(2, "a", False, rising, 2),  # the same uid at another step is another group (all incorrect)
+    ]
+    per_step = dump_divergence(rollouts)
+    assert per_step == {1: {"divergence_auc": pytest.approx((brute_auc([0.9, 0.8], [0.1, 0.2])
+                                                             + brute_auc([0.1, 0.1], [0.5, 0.9])) / 2),
+                            "rollouts": 2}}

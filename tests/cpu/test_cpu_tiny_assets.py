@@ -155,6 +155,10 @@ def test_resumed_run_metrics_merge_and_summarize(tmp_path):
     assert s["reward_first2_mean"] == 0.375 and s["reward_last2_mean"] == 0.625 and s["grad_norm"] == 0.5
     png = plot_reward({"grpo": metrics}, tmp_path / "reward.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    both = plot_reward({"shear": metrics}, tmp_path / "both.png", divergence={"shear": {"1": 0.9, "4": 0.95}})
+    assert Image.open(both).size[1] > Image.open(png).size[1]  # the divergence_auc panel below the reward
 
 
 def test_summarize_needs_reward():

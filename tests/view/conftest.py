@@ -52,6 +52,12 @@ def make_rollout(rng, step, uid, correct, length, *, first_error=None, masked=()
     return row
 
 
+def fallback(row: dict) -> dict:
+    """A rollout of a single-outcome group: weight 1 on every loss token (SHEAR's fallback)."""
+    row["weights"] = [float(m) for m in row["response_mask"]]
+    return row
+
+
 def synthetic_rows() -> list[dict]:
     rng = random.Random(18)
     return [
@@ -60,9 +66,9 @@ def synthetic_rows() -> list[dict]:
         make_rollout(rng, 2, "q-17", False, 48, first_error=5),
         make_rollout(rng, 2, "q-17", False, 44, first_error=0, masked=set(range(25, 29)) | {41, 42, 43}),
         make_rollout(rng, 2, "q-17", True, 36, first_error=-1, extra={"prompt": "count by 3 from 7"}),
-        # step 2, an all-correct group: GRPO advantages 0, no first_error from the grader
-        make_rollout(rng, 2, "q-3", True, 30, grpo=0.0),
-        make_rollout(rng, 2, "q-3", True, 33, grpo=0.0, extra={"extra_info": {"index": 3}}),
+        # step 2, an all-correct group: SHEAR's fallback weight 1, GRPO advantages 0, no first_error
+        fallback(make_rollout(rng, 2, "q-3", True, 30, grpo=0.0)),
+        fallback(make_rollout(rng, 2, "q-3", True, 33, grpo=0.0, extra={"extra_info": {"index": 3}})),
         # step 4: the same uid again (another group), a long rollout, a truncated one
         make_rollout(rng, 4, "q-17", False, 3000, first_error=1234, specials=False),
         make_rollout(rng, 4, "q-17", False, 40, first_error=40),

@@ -66,7 +66,12 @@ def test_every_token_is_shown_once_shaded_by_weight_and_coloured_by_advantage_si
     root = kit.parse_html(render_page(rollouts))
     nodes = _rollout_nodes(root)
     assert len(nodes) == len(rollouts)
-    dump_max = max(w for r in rollouts for w, m in zip(r.weights, r.response_mask) if m)
+    mixed = {(r.step, r.uid) for r in rollouts} - {
+        (r.step, r.uid) for r in rollouts
+        if all(x.correct == r.correct for x in rollouts if (x.step, x.uid) == (r.step, r.uid))}
+    assert mixed == {(2, "q-17"), (4, "q-17")}
+    # the scale: mixed groups only (the all-correct group's weights may pass it and clip at full shade)
+    dump_max = max(w for r in rollouts if (r.step, r.uid) in mixed for w, m in zip(r.weights, r.response_mask) if m)
     for node, r in zip(nodes, rollouts):  # steps ascending, groups and rollouts in dump order
         spans = _token_spans(node)
         assert [kit.token_text(s) for s in spans] == r.tokens
@@ -76,7 +81,7 @@ def test_every_token_is_shown_once_shaded_by_weight_and_coloured_by_advantage_si
                 assert cls == ["m"], (r.line, i)
                 continue
             sign = "p" if a > 0 else "n" if a < 0 else "z"
-            assert cls == [f"{sign}{round(LEVELS * w / dump_max)}"], (r.line, i, w, a)
+            assert cls == [f"{sign}{min(LEVELS, round(LEVELS * w / dump_max))}"], (r.line, i, w, a)
             assert f"w={w:.4g}" in s.attrs["title"] and s.attrs["title"].startswith(f"#{i} ")
 
 
