@@ -109,7 +109,10 @@ class ShearStats:
     pruned_pairs those skipped by an exact lower bound, of which dual_pruned_pairs were stopped
     after a few Sinkhorn iterations, once the W1 dual bound from their iterates reached the best
     value of both their spans; capped_solves the Sinkhorn problems that reached max_iter before the
-    marginal error fell below tol.
+    marginal error fell below tol. n_bar_sum and epsilon_raw_sum add up, over the mixed groups,
+    the group's mean hidden-state norm n_bar (Algorithm 1 lines 8-9) and the Sinkhorn epsilon in
+    raw hidden-state units (epsilon * n_bar when epsilon_mode is relative): divided by
+    mixed_groups they say what a relative epsilon was in the paper's units.
     """
 
     groups: int = 0
@@ -121,11 +124,13 @@ class ShearStats:
     pruned_pairs: int = 0
     dual_pruned_pairs: int = 0
     capped_solves: int = 0
+    n_bar_sum: float = 0.0
+    epsilon_raw_sum: float = 0.0
 
     def merge(self, other: ShearStats) -> ShearStats:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -405,6 +405,8 @@ def group_token_weights(hidden_states: Sequence[torch.Tensor], correct: Sequence
     # with eps is Sinkhorn on h with eps * n_bar (the same plan), its value divided by n_bar, so the
     # states are not copied to be scaled.
     epsilon = cfg.epsilon * scale if cfg.epsilon_mode == "relative" else cfg.epsilon
+    stats.n_bar_sum += float(n_bar)
+    stats.epsilon_raw_sum += epsilon
     post_scale = 1.0 / scale if cfg.metric in _METRICS_WITH_UNITS else 1.0
 
     good, bad = (_Side.build(m, [h[i] for i in m], cfg) for m in side_members)

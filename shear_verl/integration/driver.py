@@ -18,7 +18,7 @@ from shear_verl.integration.balance import assert_groups_whole, group_balanced_p
 from shear_verl.integration.dump import write_records
 from shear_verl.integration.estimator import pending_weights
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
-from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY, sequence_scores
+from shear_verl.integration.worker import COL, GROUP_COLUMNS, STATS_KEY, WEIGHTS_KEY, sequence_scores
 
 logger = logging.getLogger("shear_verl")
 
@@ -103,14 +103,21 @@ def compute_advantage(trainer, orig, batch, metrics):
     uids = [str(u) for u in padded.batch.pop("uid").tolist()]  # as verl reads it
     scores = sequence_scores(padded.batch["rm_scores"])  # [B], as the workers decided correctness
     stats = padded.batch[STATS_KEY].float()  # [B, S]
-    metrics.update(shear_metrics(weights, mask, scores, uids, stats, trainer._shear_settings.correct_threshold))
-    warning = capped_warning(metrics, trainer._shear_settings.engine)
+    settings = trainer._shear_settings
+    metrics.update(shear_metrics(weights, mask, scores, uids, stats, settings.correct_threshold))
+    warning = capped_warning(metrics, settings.engine)
     if warning is not None and not getattr(trainer, "_shear_warned_capped", False):
         trainer._shear_warned_capped = True  # once per run: shear/capped_solves is logged every step
         logger.warning(warning)
+    fallback = fallback_rows(stats, uids)  # [B]
+    weights = apply_fallback(weights, mask, fallback, settings.fallback)
     with pending_weights(weights, uids) as handoff:
         out = orig(batch, metrics)
-    settings = trainer._shear_settings
+    active = int((fallback[:, None] & mask & (handoff["grpo_advantages"] != 0)).any(dim=1).sum())
+    metrics["shear/fallback_active_rollouts"] = float(active)
+    if active and not getattr(trainer, "_shear_warned_fallback", False):
+        trainer._shear_warned_fallback = True  # once per run: the metric counts them every step
+        logger.warning(fallback_warning(active, settings.fallback))
     if settings.dump_every > 0 and trainer.global_steps % settings.dump_every == 0:
         metrics["shear/dump_rollouts"] = float(
             dump_credit(trainer, out, uids, scores, weights, handoff["grpo_advantages"], settings))
@@ -165,6 +172,35 @@ def capped_warning(metrics: dict[str, float], engine: ShearConfig) -> str | None
             "algorithm.shear.max_iter for full precision, or epsilon; shear/capped_solves counts them every step.")
 
 
+def fallback_rows(stats: torch.Tensor, uids) -> torch.Tensor:
+    """Real rows whose group had no (non-empty) opposing side: they hold the fallback weight. [B]"""
+    from shear_verl.integration.balance import PAD_UID_PREFIX
+
+    real = torch.tensor([not u.startswith(PAD_UID_PREFIX) for u in uids])
+    return (stats[:, COL["fallback"]] > 0) & real
+
+
+def apply_fallback(weights: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor, mode: str) -> torch.Tensor:
+    """The fallback rows' weights: 1 as the workers left them ("one"), or the mean weight over the
+    loss tokens of the step's other rows ("group_mean"; 1 when the step has none). [B, T]"""
+    if mode == "one" or not fallback.any():
+        return weights
+    scored = mask & ~fallback[:, None]  # [B, T]
+    mean = weights[scored].mean() if scored.any() else weights.new_tensor(1.0)
+    return torch.where(fallback[:, None], mean * mask.to(weights.dtype), weights)
+
+
+def fallback_warning(active: int, mode: str) -> str:
+    given = "weight 1 (algorithm.shear.fallback=one)" if mode == "one" else \
+        "the mean weight of the step's mixed groups (algorithm.shear.fallback=group_mean)"
+    return (f"SHEAR: {active} rollouts of groups with no opposing side (all of one outcome by "
+            "correct_threshold, or the other side only empty responses) have a nonzero GRPO advantage: "
+            f"partial-credit rewards. They get {given}"
+            + (", so their updates can be several times larger than a mixed group's; "
+               "algorithm.shear.fallback=group_mean scales them like the mixed groups." if mode == "one" else ".")
+            + " shear/fallback_active_rollouts counts them every step.")
+
+
 def strip_shear_fields(batch):
     """Later worker calls fetch every field listed in the meta: keep ours out of them."""
     if batch.fields is not None:
@@ -192,7 +228,13 @@ def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[
         sel = tok & rows_mask[:, None]
         return float(weights[sel].mean()) if sel.any() else 0.0
 
-    col = {name: stats[:, i].sum().item() for i, name in enumerate(STATS_COLUMNS)}
+    col = {name: stats[:, COL[name]].sum().item() for name in GROUP_COLUMNS}
+    # Each rank's SHEAR time is the sum over its groups; the step waits for the slowest rank.
+    rank_time: dict[int, float] = {}
+    for rank, t in zip(stats[:, COL["rank"]].tolist(), stats[:, COL["time_s"]].tolist()):
+        rank_time[int(rank)] = rank_time.get(int(rank), 0.0) + t
+    n_mixed = max(col["mixed_groups"], 1.0)
+    fallback = (stats[:, COL["fallback"]] > 0) & real
     n_real = int(real.sum())
     return {
         "shear/weight_mean": mean_over(torch.ones_like(real)),
@@ -200,10 +242,14 @@ def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[
         "shear/weight_mean_correct": mean_over(correct & in_mixed),
         "shear/weight_mean_incorrect": mean_over(~correct & in_mixed),
         "shear/mixed_group_frac": len(mixed) / max(len(groups), 1),
-        "shear/fallback_rollout_frac": float((real & ~in_mixed).sum()) / max(n_real, 1),
+        "shear/fallback_rollout_frac": float(fallback.sum()) / max(n_real, 1),
         "shear/sinkhorn_solves": col["sinkhorn_solves"],
         "shear/pruned_frac": col["pruned_pairs"] / max(col["candidate_pairs"], 1.0),
         "shear/dual_pruned_frac": col["dual_pruned_pairs"] / max(col["candidate_pairs"], 1.0),
         "shear/capped_solves": col["capped_solves"],
-        "shear/time_s": col["time_s"],
+        "shear/n_bar": col["n_bar_sum"] / n_mixed,
+        "shear/epsilon_raw": col["epsilon_raw_sum"] / n_mixed,
+        "shear/time_s": max(rank_time.values(), default=0.0),
+        "shear/time_s_sum": sum(rank_time.values()),
+        "shear/capture_mb": float(stats[:, COL["capture_mb"]].max()) if len(uids) else 0.0,
     }

@@ -70,9 +70,26 @@ def stash_response_rows(engine, model_output, per_sequence, response_mask, devic
     log-probs, so verl's own merge / dynamic-bsz restore orders them; shared by every engine."""
     rows = response_rows(per_sequence, response_mask)  # nested [b, resp_i, H]
     engine._shear_device = device
-    if ShearSettings.from_json(flag).offload_to_cpu:
+    settings = ShearSettings.from_json(flag)
+    if settings.offload_to_cpu:
         rows = rows.to("cpu")  # host memory by request; weights are computed back on the device
+    held = getattr(engine, "_shear_capture_bytes", 0) + rows.values().numel() * rows.values().element_size()
+    engine._shear_capture_bytes = held
+    check_capture_budget(held, settings, where="host" if settings.offload_to_cpu else str(device))
     model_output[HIDDEN_KEY] = rows
+
+
+def check_capture_budget(held_bytes: int, settings: ShearSettings, where: str) -> None:
+    """Stop the pass, naming the knobs, once this rank's captured rows pass max_capture_mb."""
+    limit = settings.max_capture_mb
+    if limit and held_bytes > limit * 2**20:
+        raise RuntimeError(
+            f"SHEAR's captured hidden states on this rank hold {held_bytes / 2**20:.1f} MB ({where}), above "
+            f"algorithm.shear.max_capture_mb={limit:g}. They are kept until the pass ends (one row per "
+            "response token, hidden size wide). Set algorithm.shear.offload_to_cpu=true to keep them in host "
+            "memory, lower actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu / "
+            "log_prob_max_token_len_per_gpu or the rollouts per rank, or raise max_capture_mb."
+        )
 
 
 def infer_batch_with_weights(engine, orig, data, *args, **kwargs):
@@ -82,6 +99,7 @@ def infer_batch_with_weights(engine, orig, data, *args, **kwargs):
     (`is_mp_src_rank_with_outputs`); the SP / TP peers drop their copy.
     """
     flag = _flag(data)
+    engine._shear_capture_bytes = 0  # this pass's captured rows, counted by stash_response_rows
     output = orig(data, *args, **kwargs)
     if flag is None or output is None:
         return output
@@ -104,6 +122,8 @@ def infer_batch_with_weights(engine, orig, data, *args, **kwargs):
         uids=[str(u) for u in uids],
         settings=settings,
         device=getattr(engine, "_shear_device", None),
+        rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+        capture_mb=engine._shear_capture_bytes / 2**20,
     )
     model_output[WEIGHTS_KEY] = torch.nested.as_nested_tensor(weights, layout=torch.jagged)  # [b, resp_i]
     model_output[STATS_KEY] = stats  # [b, S]

@@ -11,7 +11,9 @@ from shear_verl.core import ShearConfig
 ESTIMATOR_NAME = "shear"
 
 # Knobs that are not the weight engine's (shear_verl.core.ShearConfig) but the integration's.
-_INTEGRATION_KEYS = ("correct_threshold", "offload_to_cpu", "dump_every", "dump_groups", "dump_dir")
+_INTEGRATION_KEYS = ("correct_threshold", "offload_to_cpu", "dump_every", "dump_groups", "dump_dir", "fallback",
+                     "max_capture_mb")
+FALLBACKS = ("one", "group_mean")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,12 @@ class ShearSettings:
     dump_every: int = 0
     dump_groups: int = 4
     dump_dir: str | None = None
+    # Weight of rollouts whose group has no opposing side: "one" (Algorithm 1: plain GRPO) or
+    # "group_mean" (the mean SHEAR weight of the step's mixed groups, so that partial-credit groups
+    # do not get updates several times larger than the mixed ones).
+    fallback: str = "one"
+    # Per rank, the most megabytes the captured hidden states of one pass may hold (0: no limit).
+    max_capture_mb: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "engine": asdict(self.engine)})
@@ -56,8 +64,15 @@ def settings_from_algorithm(algorithm_cfg: Any) -> ShearSettings:
     dump_dir = plain.get("dump_dir", None)
     if dump_dir is not None and not isinstance(dump_dir, str):
         raise ValueError(f"algorithm.shear.dump_dir must be a path, got {dump_dir!r}")
+    fallback = plain.get("fallback", "one")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"algorithm.shear.fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    max_capture_mb = plain.get("max_capture_mb", 0.0)
+    if not isinstance(max_capture_mb, int | float) or isinstance(max_capture_mb, bool) or max_capture_mb < 0:
+        raise ValueError(f"algorithm.shear.max_capture_mb must be a number >= 0 (0: no limit), got {max_capture_mb!r}")
     return ShearSettings(engine=engine, correct_threshold=float(threshold), offload_to_cpu=offload,
-                         dump_every=dump_every, dump_groups=dump_groups, dump_dir=dump_dir)
+                         dump_every=dump_every, dump_groups=dump_groups, dump_dir=dump_dir, fallback=fallback,
+                         max_capture_mb=float(max_capture_mb))
 
 
 def _plain(value: Any) -> Any:

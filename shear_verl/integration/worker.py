@@ -16,8 +16,13 @@ from shear_verl.core import ShearStats, group_token_weights
 from shear_verl.integration.settings import ShearSettings
 
 WEIGHTS_KEY = "shear_weights"  # nested [b, response_len_i] float32
-STATS_KEY = "shear_stats"  # [b, len(STATS_COLUMNS)] float32; a group's totals sit on its first row
-STATS_COLUMNS = ("sinkhorn_solves", "candidate_pairs", "pruned_pairs", "dual_pruned_pairs", "capped_solves", "time_s")
+STATS_KEY = "shear_stats"  # [b, len(STATS_COLUMNS)] float32
+# A group's totals sit on its first row (the ShearStats counters, its wall time); per row: whether
+# it kept the fallback weight, the rank that computed it and that rank's captured megabytes.
+GROUP_COLUMNS = ("sinkhorn_solves", "candidate_pairs", "pruned_pairs", "dual_pruned_pairs", "capped_solves",
+                 "mixed_groups", "n_bar_sum", "epsilon_raw_sum")
+STATS_COLUMNS = (*GROUP_COLUMNS, "time_s", "fallback", "rank", "capture_mb")
+COL = {name: i for i, name in enumerate(STATS_COLUMNS)}
 
 
 def sequence_scores(rm_scores: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,8 @@ def compute_batch_weights(
     uids: Sequence[str],
     settings: ShearSettings,
     device: torch.device | None = None,
+    rank: int = 0,
+    capture_mb: float = 0.0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """SHEAR weights for every row of a rank's batch.
 
@@ -43,6 +50,8 @@ def compute_batch_weights(
         scores: [b] outcome scores; correct iff score > settings.correct_threshold.
         uids: per row GRPO group id. Every member of a group must be in this batch.
         device: where to compute (default: where the hidden states are).
+        rank, capture_mb: the computing process's rank and the megabytes its capture held, copied
+            to every row for the driver's per-rank metrics.
     Returns:
         weights: per row [L_i] float32 on the hidden states' device, 0 where the mask is 0.
         stats: [b, len(STATS_COLUMNS)] float32 on CPU.
@@ -71,6 +80,10 @@ def compute_batch_weights(
             full = torch.zeros(k.shape[0], dtype=torch.float32, device=w.device)  # [L_i]
             full[k] = w
             weights[r] = full.to(hidden[r].device)
-        counts = [getattr(group_stats, name) for name in STATS_COLUMNS[:-1]]  # the ShearStats counters
-        stats[members[0]] = torch.tensor(counts + [time.perf_counter() - t0], dtype=torch.float32)
+        counts = [getattr(group_stats, name) for name in GROUP_COLUMNS]  # the ShearStats counters
+        stats[members[0], : len(GROUP_COLUMNS)] = torch.tensor(counts, dtype=torch.float32)
+        stats[members[0], COL["time_s"]] = time.perf_counter() - t0
+        stats[members, COL["fallback"]] = float(group_stats.fallback_rollouts > 0)
+    stats[:, COL["rank"]] = rank
+    stats[:, COL["capture_mb"]] = capture_mb
     return weights, stats

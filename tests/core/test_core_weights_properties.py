@@ -120,6 +120,21 @@ def test_stats_accumulate_over_groups():
     assert merged.groups == 4 and merged.candidate_pairs == 2 * stats.candidate_pairs
 
 
+@pytest.mark.parametrize("mode, eps", [("relative", 0.05), ("absolute", 4.5)])
+def test_stats_report_n_bar_and_raw_epsilon_of_mixed_groups(mode, eps):
+    cfg = ShearConfig(span_len=4, stride=2, epsilon=eps, epsilon_mode=mode)
+    stats = ShearStats()
+    groups = [_drifting_group((9, 7), 3, seed=6), _drifting_group((6, 8, 5), 3, seed=8)]
+    for states, correct in zip(groups, [(True, False), (False, True, True)]):
+        group_token_weights(states, correct, cfg, stats=stats)
+    group_token_weights(_drifting_group((5, 6), 3, seed=7), (True, True), cfg, stats=stats)  # no opposing side
+    n_bars = [torch.cat([h.double() for h in g]).norm(dim=1).mean().item() for g in groups]  # over all tokens
+    assert stats.mixed_groups == 2
+    assert stats.n_bar_sum == pytest.approx(sum(n_bars), rel=1e-5)
+    expect = sum(eps * n for n in n_bars) if mode == "relative" else 2 * eps
+    assert stats.epsilon_raw_sum == pytest.approx(expect, rel=1e-5)
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def _ok():

@@ -69,7 +69,8 @@ def test_groups_without_opposing_rollouts_keep_grpo(correct):
     assert [w.tolist() for w in got] == [[1.0] * t for t in lengths]
     assert stats.as_dict() == {"groups": 1, "mixed_groups": 0, "rollouts": len(correct),
                                "fallback_rollouts": len(correct), "sinkhorn_solves": 0, "candidate_pairs": 0,
-                               "pruned_pairs": 0, "dual_pruned_pairs": 0, "capped_solves": 0}
+                               "pruned_pairs": 0, "dual_pruned_pairs": 0, "capped_solves": 0,
+                               "n_bar_sum": 0.0, "epsilon_raw_sum": 0.0}
 
 
 def test_float32_default_close_to_reference(reference):

@@ -192,3 +192,43 @@ def test_offload_to_host_memory_gives_the_same_weights(engine_cls, tiny_qwen2):
     b = engine.infer_batch(offloaded)["model_output"][WEIGHTS_KEY].unbind()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+def test_stats_carry_n_bar_of_the_captured_states_and_the_capture_size(engine_cls, tiny_qwen2):
+    """The stats the driver turns into shear/n_bar, shear/epsilon_raw and shear/capture_mb, against
+    transformers' states of the same tokens."""
+    from shear_verl.integration.driver import shear_metrics
+    from shear_verl.integration.worker import COL, sequence_scores
+
+    engine = make_engine(engine_cls, tiny_qwen2)
+    data, ids, prompts = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False)
+    out = engine.infer_batch(data)["model_output"]
+    stats = out[STATS_KEY]
+    ref = reference_rows(tiny_qwen2, ids, prompts)  # [resp_i, H] each
+    masks = [m.bool() for m in data["response_mask"].unbind()]
+    n_bars = [torch.cat([ref[i][masks[i]] for i in range(g0, g0 + 4)]).norm(dim=1).mean().item()
+              for g0 in range(0, len(LENGTHS), 4)]  # every group of LENGTHS holds both outcomes
+    captured_mb = sum(r.numel() * r.element_size() for r in ref) / 2**20  # every response row, float32
+    assert torch.all(stats[:, COL["capture_mb"]] == stats[0, COL["capture_mb"]])
+    assert stats[0, COL["capture_mb"]].item() == pytest.approx(captured_mb, rel=1e-6)
+    weights = torch.nn.utils.rnn.pad_sequence(list(out[WEIGHTS_KEY].unbind()), batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)
+    uids = [str(u) for u in data["uid"]]
+    m = shear_metrics(weights, mask, sequence_scores(data["rm_scores"]), uids, stats, SETTINGS.correct_threshold)
+    assert m["shear/n_bar"] == pytest.approx(sum(n_bars) / len(n_bars), rel=1e-4)
+    assert m["shear/epsilon_raw"] == pytest.approx(SETTINGS.engine.epsilon * m["shear/n_bar"], rel=1e-5)
+    assert m["shear/capture_mb"] == pytest.approx(captured_mb, rel=1e-6)
+
+
+def test_capture_budget_stops_the_pass_naming_the_knobs(engine_cls, tiny_qwen2):
+    import dataclasses
+
+    engine = make_engine(engine_cls, tiny_qwen2)
+    tight = dataclasses.replace(SETTINGS, max_capture_mb=0.001)  # ~1 KB: the first micro-batch passes it
+    data, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False,
+                            settings=tight)
+    with pytest.raises(RuntimeError, match=r"max_capture_mb=0\.001.*offload_to_cpu=true.*micro_batch"):
+        engine.infer_batch(data)
+    roomy, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False,
+                             settings=dataclasses.replace(SETTINGS, max_capture_mb=64))
+    assert WEIGHTS_KEY in engine.infer_batch(roomy)["model_output"]

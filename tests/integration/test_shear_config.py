@@ -55,6 +55,8 @@ def test_stock_cli_with_plus_keys():
         (["+algorithm.shear.spanlen=8"], "spanlen"),
         (["algorithm.shear.metric=euclid"], "metric"),
         (["algorithm.shear.correct_threshold=yes"], "correct_threshold"),
+        (["algorithm.shear.fallback=median"], "algorithm.shear.fallback must be one of one, group_mean"),
+        (["algorithm.shear.max_capture_mb=-1"], "algorithm.shear.max_capture_mb must be a number >= 0"),
     ],
 )
 def test_misconfiguration_fails_with_a_clear_message(overrides, message):
@@ -64,5 +66,7 @@ def test_misconfiguration_fails_with_a_clear_message(overrides, message):
 
 
 def test_settings_roundtrip_json():
-    s = settings_from_algorithm({"shear": {"span_len": 8, "stride": 4, "offload_to_cpu": True}})
+    s = settings_from_algorithm({"shear": {"span_len": 8, "stride": 4, "offload_to_cpu": True,
+                                           "fallback": "group_mean", "max_capture_mb": 512}})
+    assert (s.fallback, s.max_capture_mb) == ("group_mean", 512.0)
     assert ShearSettings.from_json(s.to_json()) == s
