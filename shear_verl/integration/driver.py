@@ -91,6 +91,7 @@ def compute_advantage(trainer, orig, batch, metrics):
     import transfer_queue as tq
     from verl.protocol import DataProto
 
+    refuse_multi_output_sessions(batch.keys)
     fields = [WEIGHTS_KEY, STATS_KEY, "uid", "response_mask", "rm_scores"]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
     if WEIGHTS_KEY not in data.keys():
@@ -122,6 +123,24 @@ def compute_advantage(trainer, orig, batch, metrics):
         metrics["shear/dump_rollouts"] = float(
             dump_credit(trainer, out, uids, scores, weights, handoff["grpo_advantages"], settings))
     return strip_shear_fields(out)
+
+
+def refuse_multi_output_sessions(keys) -> None:
+    """Stop on agent sessions with several outputs ("{uid}_{session}_{index}", index > 0).
+
+    verl's GRPO (v1/utils.py, compute_advantage_for_multi_trajectories) normalises over each
+    session's final output only and broadcasts that scalar to the session's other outputs; any other
+    estimator, `shear` included, gets every output row as a group member, so a SHEAR run and its
+    GRPO twin would use different groups. SHEAR has no per-token answer for the earlier outputs yet.
+    """
+    extra = [k for k in keys if int(k.rsplit("_", 2)[2]) > 0]
+    if extra:
+        raise RuntimeError(
+            f"algorithm.adv_estimator=shear got {len(extra)} rows that are non-final outputs of multi-output agent "
+            f"sessions (e.g. key {extra[0]!r}). verl's GRPO groups such sessions by their final output only; "
+            "SHEAR does not support them: use an agent loop that returns one output per session "
+            "(actor_rollout_ref.rollout.multi_turn / agent loop settings), or algorithm.adv_estimator=grpo."
+        )
 
 
 def dump_credit(trainer, batch, uids, scores, weights, grpo_advantages, settings: ShearSettings):

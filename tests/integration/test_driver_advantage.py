@@ -64,8 +64,8 @@ def worker_stats(uids, scores, capped=0.0, threshold=0.5, **columns):
     return stats
 
 
-def put_batch(tq, partition, uids, scores, resp_lens, weights, capped=0.0, stats=None):
-    keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
+def put_batch(tq, partition, uids, scores, resp_lens, weights, capped=0.0, stats=None, keys=None):
+    keys = keys or [f"{u}_{i}_0" for i, u in enumerate(uids)]
     nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
     rm = [torch.zeros(n).index_fill_(0, torch.tensor([n - 1]), s) for n, s in zip(resp_lens, scores)]
     masks = [torch.ones(n, dtype=torch.int64) for n in resp_lens]
@@ -215,3 +215,14 @@ def test_estimator_without_driver_hand_over_raises():
     with pytest.raises(RuntimeError, match="no SHEAR token weights"):
         fn(token_level_rewards=torch.zeros(2, 3), response_mask=torch.ones(2, 3), index=np.array(["a", "a"]),
            config=OmegaConf.create({}))
+
+
+def test_multi_output_agent_sessions_are_refused(tq_session):
+    """Keys {uid}_{session}_{index}: index 1 is a session's second output, which verl's GRPO would
+    leave out of its groups; SHEAR stops instead of grouping it differently."""
+    tq = tq_session
+    uids, scores, resp_lens = ["s"] * 4, [1.0, 1.0, 0.0, 0.0], [3, 4, 3, 4]
+    keys = ["s_0_0", "s_0_1", "s_1_0", "s_1_1"]
+    meta = put_batch(tq, "multi", uids, scores, resp_lens, [torch.ones(n) for n in resp_lens], keys=keys)
+    with pytest.raises(RuntimeError, match=r"2 rows that are non-final outputs of multi-output agent sessions.*'s_0_1'"):
+        make_trainer()._compute_advantage(meta, {})
