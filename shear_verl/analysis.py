@@ -1,12 +1,13 @@
 """Does the credit land where rollouts diverge? Separation scores of per-token credit.
 
 ``divergence_auc``: on an incorrect rollout whose first error is known (a grader's
-``first_error``) in a group that also holds a correct rollout, the probability that a token at or after the error carries more weight than a
-token before it (ties count half) -- the Mann-Whitney AUC of the two sets of weights. 1.0: every
-token from the error on outweighs every token before it; 0.5: no separation. With ``span_len``,
-the tokens just before the error that share a span with it (the ``span_len - 1`` before it) are
-left out of the "before" set: under max-pooling they inherit the error span's distance by
-construction, so leaving them out measures the separation the spans can resolve.
+``first_error``) in a group that also holds a correct rollout, the probability that a token at
+or after the error carries more weight than a token before it (ties count half) -- the
+Mann-Whitney AUC of the two sets of weights. 1.0: every token from the error on outweighs every
+token before it; 0.5: no separation. With ``span_len``, the tokens just before the error that
+share a span with it (the ``span_len - 1`` before it) are left out of the "before" set: under
+max-pooling they inherit the error span's distance by construction, so leaving them out
+measures the separation the spans can resolve.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+
+from shear_verl.view import group_rollouts, holds_both_outcomes
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -51,15 +54,12 @@ def dump_divergence(rollouts: Iterable, span_len: int | None = None) -> dict[int
     over the incorrect ones with a known first error inside the response, and their number. Only
     groups holding both outcomes count: a single-outcome group has no opposing side, SHEAR gives it
     its fallback weight on every token, and its AUC (0.5) would say nothing about the distances."""
-    rollouts = list(rollouts)
-    outcomes: dict[tuple, set[bool]] = defaultdict(set)
-    for r in rollouts:
-        outcomes[(r.step, r.uid)].add(bool(r.correct))
     per_step: dict[int, list[float]] = defaultdict(list)
-    for r in rollouts:
-        if r.correct or r.first_error is None or len(outcomes[(r.step, r.uid)]) < 2:
-            continue
-        value = divergence_auc(r.weights, r.response_mask, r.first_error, span_len)
-        if value is not None:
-            per_step[r.step].append(value)
+    for step, groups in group_rollouts(list(rollouts)).items():
+        for r in (r for g in groups.values() if holds_both_outcomes(g) for r in g):
+            if r.correct or r.first_error is None:
+                continue
+            value = divergence_auc(r.weights, r.response_mask, r.first_error, span_len)
+            if value is not None:
+                per_step[step].append(value)
     return {step: {"divergence_auc": float(np.mean(v)), "rollouts": len(v)} for step, v in sorted(per_step.items())}

@@ -17,12 +17,17 @@ class GroupSplitError(ValueError):
     """The batch cannot be divided into equal data-parallel shards of whole groups."""
 
 
-def uid_of_key(key: str) -> str:
-    """verl V1 batch keys are "{uid}_{session_id}_{index}" (see compute_advantage_for_multi_trajectories)."""
+def split_key(key: str) -> tuple[str, str, int]:
+    """(uid, session_id, output index) of a verl V1 batch key "{uid}_{session_id}_{index}"
+    (see compute_advantage_for_multi_trajectories)."""
     parts = key.rsplit("_", 2)
-    if len(parts) != 3:
+    if len(parts) != 3 or not parts[2].isdigit():
         raise ValueError(f"unexpected verl batch key {key!r}: expected '<uid>_<session>_<index>'")
-    return parts[0]
+    return parts[0], parts[1], int(parts[2])
+
+
+def uid_of_key(key: str) -> str:
+    return split_key(key)[0]
 
 
 def group_balanced_partitions(

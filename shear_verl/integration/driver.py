@@ -14,7 +14,7 @@ import logging
 import torch
 
 from shear_verl.core import ShearConfig
-from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, uid_of_key
+from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, split_key, uid_of_key
 from shear_verl.integration.dump import write_records
 from shear_verl.integration.estimator import pending_weights
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
@@ -133,7 +133,7 @@ def refuse_multi_output_sessions(keys) -> None:
     estimator, `shear` included, gets every output row as a group member, so a SHEAR run and its
     GRPO twin would use different groups. SHEAR has no per-token answer for the earlier outputs yet.
     """
-    extra = [k for k in keys if int(k.rsplit("_", 2)[2]) > 0]
+    extra = [k for k in keys if split_key(k)[2] > 0]
     if extra:
         raise RuntimeError(
             f"algorithm.adv_estimator=shear got {len(extra)} rows that are non-final outputs of multi-output agent "
@@ -253,7 +253,7 @@ def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[
     for rank, t in zip(stats[:, COL["rank"]].tolist(), stats[:, COL["time_s"]].tolist()):
         rank_time[int(rank)] = rank_time.get(int(rank), 0.0) + t
     n_mixed = max(col["mixed_groups"], 1.0)
-    fallback = (stats[:, COL["fallback"]] > 0) & real
+    fallback = fallback_rows(stats, uids)
     n_real = int(real.sum())
     return {
         "shear/weight_mean": mean_over(torch.ones_like(real)),

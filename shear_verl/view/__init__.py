@@ -6,13 +6,15 @@
     write_credit_page(["dump.jsonl"], "credit.html", scale="dump")
 """
 
-from .dump import DumpError, Rollout, parse_rollout, read_dump, read_dumps
+from .dump import DumpError, Rollout, group_rollouts, holds_both_outcomes, parse_rollout, read_dump, read_dumps
 from .page import SCALES, render_page, rollout_stats, write_credit_page
 
 __all__ = [
     "SCALES",
     "DumpError",
     "Rollout",
+    "group_rollouts",
+    "holds_both_outcomes",
     "parse_rollout",
     "read_dump",
     "read_dumps",

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 # Per-token lists; all of length L (the response's length).
@@ -56,6 +56,21 @@ class Rollout:
     def masked_weights(self) -> list[float]:
         """Weights of the tokens the loss sees (response_mask 1)."""
         return [w for w, m in zip(self.weights, self.response_mask) if m]
+
+
+def group_rollouts(rollouts: Sequence[Rollout]) -> dict[int, dict[str, list[Rollout]]]:
+    """{step: {uid: rollouts}}: steps ascending, groups and rollouts in dump order (a uid is a
+    GRPO group within one step only)."""
+    steps: dict[int, dict[str, list[Rollout]]] = {}
+    for r in rollouts:
+        steps.setdefault(r.step, {}).setdefault(r.uid, []).append(r)
+    return dict(sorted(steps.items()))
+
+
+def holds_both_outcomes(group: Sequence[Rollout]) -> bool:
+    """A group SHEAR scores: at least one correct and one incorrect rollout. A single-outcome group
+    has no opposing side and keeps SHEAR's fallback weight on every token."""
+    return len({r.correct for r in group}) == 2
 
 
 def _is_int(v) -> bool:

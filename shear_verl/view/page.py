@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .dump import Rollout, read_dumps
+from .dump import Rollout, group_rollouts, holds_both_outcomes, read_dumps
 
 SCALES = ("dump", "group")  # weight / max weight of the dump's mixed groups, or of the rollout's group
 LEVELS = 10  # shading steps of weight / max weight
@@ -101,14 +101,6 @@ document.documentElement.setAttribute('data-rendered',String(document.querySelec
 })();"""
 
 
-def group_rollouts(rollouts: Sequence[Rollout]) -> dict[int, dict[str, list[Rollout]]]:
-    """{step: {uid: rollouts}}: steps ascending, groups and rollouts in dump order."""
-    steps: dict[int, dict[str, list[Rollout]]] = {}
-    for r in rollouts:
-        steps.setdefault(r.step, {}).setdefault(r.uid, []).append(r)
-    return dict(sorted(steps.items()))
-
-
 def rollout_stats(r: Rollout) -> dict:
     """Summary numbers of one rollout over its loss-mask tokens (None where it has none)."""
     w = r.masked_weights()
@@ -130,8 +122,7 @@ def mixed_groups_max_weight(steps: dict[int, dict[str, list[Rollout]]]) -> float
     """The dump scale: the max weight over groups holding both outcomes. Single-outcome groups keep
     SHEAR's fallback weight (1), which would wash every mixed group's shades out; with no mixed
     group at all, the max over everything."""
-    mixed = [r for groups in steps.values() for g in groups.values()
-             if any(x.correct for x in g) and not all(x.correct for x in g) for r in g]
+    mixed = [r for groups in steps.values() for g in groups.values() if holds_both_outcomes(g) for r in g]
     return _max_weight(mixed) if mixed else _max_weight([r for gs in steps.values() for g in gs.values() for r in g])
 
 
