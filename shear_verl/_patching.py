@@ -17,6 +17,9 @@ class UnsupportedVersionError(RuntimeError):
     """The installed verl / vLLM is not one shear-verl's patches were written against."""
 
 
+UnsupportedVerlError = UnsupportedVersionError  # the name integration code (patches, megatron_capture) uses
+
+
 def versions(supported: tuple[str, ...]) -> str:
     """``("0.9.", "0.10.1")`` -> ``"0.9.x / 0.10.1"``, for messages."""
     return " / ".join(v + "x" if v.endswith(".") else v for v in supported)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-HIDDEN_KEY = "shear_hidden"  # model_output field: nested [b, response_len_i, H]
+from shear_verl.integration.fields import HIDDEN_KEY  # noqa: F401 - re-exported
 
 
 def find_decoder(module: nn.Module) -> nn.Module:

@@ -1,54 +1,103 @@
-"""Driver side (verl's V1 trainer, in the TaskRunner): the three steps SHEAR changes.
+"""Driver side (verl's V1 trainer, in the TaskRunner): the steps a token-signal estimator changes.
 
-1. `_balance_batch`: whole GRPO groups per data-parallel rank (balance.py).
-2. `_compute_old_log_prob`: ask the actor workers to capture hidden states and return weights.
-3. `_compute_advantage`: fetch the weights and hand them to the `shear` estimator.
-Each function takes verl's original method as `orig` and is installed by patches.py only for
-runs whose `algorithm.adv_estimator` is `shear`.
+1. `__init__`: start-up checks of `algorithm.adv_estimator` and every method's `algorithm.<name>.*`
+   (:func:`validate_config`, every run).
+2. `_balance_batch`: whole GRPO groups per data-parallel rank (balance.py), for signals the
+   workers compute per group (SHEAR).
+3. `_compute_old_log_prob`: set the signal's worker flag for verl's old-log-prob pass (SHEAR).
+4. `_compute_advantage`: fetch the signal's fields and hand them to its estimator (signals.py).
+Each function takes verl's original method as `orig` and is installed by patches.py; 2-4 run only
+for an estimator with a registered :class:`~shear_verl.integration.signals.TokenSignal`.
+SHEAR's own driver steps (metrics, fallback, credit dumps) follow, as that signal's prepare/finish.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from shear_verl.core import ShearConfig
+from shear_verl.integration import signals
 from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, split_key, uid_of_key
 from shear_verl.integration.dump import write_records
-from shear_verl.integration.estimator import pending_weights
+from shear_verl.integration.estimator import MISSING_WEIGHTS_HELP
+from shear_verl.integration.fields import FLAG_KEY, STATS_KEY, WEIGHTS_KEY
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
-from shear_verl.integration.worker import COL, GROUP_COLUMNS, STATS_KEY, WEIGHTS_KEY, sequence_scores
+from shear_verl.integration.worker import COL, GROUP_COLUMNS, sequence_scores
 
 logger = logging.getLogger("shear_verl")
 
-FLAG_KEY = "shear"  # extra_info / non-tensor key: JSON ShearSettings, present only for the old-log-prob pass
 SHEAR_FIELDS = (WEIGHTS_KEY, STATS_KEY)
+
+
+@dataclass(frozen=True)
+class SignalRun:
+    """The token signal of this run and its parsed settings (on the trainer as `_signal_run`)."""
+
+    signal: signals.TokenSignal
+    settings: Any
 
 
 def is_shear(config) -> bool:
     return str(config.algorithm.get("adv_estimator", "")) == ESTIMATOR_NAME
 
 
-def validate_config(config) -> ShearSettings:
-    """Start-up checks for `adv_estimator=shear`; returns the parsed settings."""
-    settings = settings_from_algorithm(config.algorithm)
+def validate_config(config) -> Any:
+    """Start-up checks; returns the active signal's parsed settings (None for verl's own estimators).
+
+    Every run: `algorithm.adv_estimator` must be registered, and no method's `algorithm.<name>.*`
+    other than the active one's may be set. A token-signal run also needs verl's old-log-prob pass
+    (where its signal is computed), groups of >= 2 rollouts, and the V1 trainer.
+    """
+    name = str(config.algorithm.get("adv_estimator", ""))
+    check_estimator_name(name)
+    for other, sig in signals.SIGNALS.items():
+        section = config.algorithm.get(other, None)
+        if other != name and section and not _is_default(sig, section):
+            keys = ", ".join(f"algorithm.{other}.{k}" for k in section)
+            raise ValueError(f"{keys} configure algorithm.adv_estimator={other}, but this run has "
+                             f"algorithm.adv_estimator={name}: remove them or set adv_estimator={other}")
+    signal = signals.SIGNALS.get(name)
+    if signal is None:
+        return None
+    settings = signal.parse(config.algorithm)
+    what = ", ".join(signal.fields)
     rc = config.algorithm.get("rollout_correction", None)
     if rc is not None and rc.get("bypass_mode", False):
         raise ValueError(
-            "algorithm.adv_estimator=shear needs verl's old-log-prob pass (SHEAR captures the hidden "
-            "states there), but algorithm.rollout_correction.bypass_mode=true skips it. Set "
-            "algorithm.rollout_correction.bypass_mode=false."
+            f"algorithm.adv_estimator={name} needs verl's old-log-prob pass (it computes {what} there), but "
+            "algorithm.rollout_correction.bypass_mode=true skips it. Set algorithm.rollout_correction.bypass_mode=false."
         )
     n = int(config.actor_rollout_ref.rollout.get("n", 1))
     if n < 2:
         raise ValueError(
-            f"algorithm.adv_estimator=shear compares rollouts of the same prompt, but "
+            f"algorithm.adv_estimator={name} compares rollouts of the same prompt, but "
             f"actor_rollout_ref.rollout.n={n}; set it to 2 or more (the paper uses 8)."
         )
     if not config.trainer.get("use_v1", True):
-        raise ValueError("algorithm.adv_estimator=shear supports verl's V1 trainer only: set trainer.use_v1=true")
+        raise ValueError(f"algorithm.adv_estimator={name} supports verl's V1 trainer only: set trainer.use_v1=true")
     return settings
+
+
+def _is_default(signal: signals.TokenSignal, section) -> bool:
+    """Whether ``algorithm.<signal.name>`` only spells out that method's defaults (the package yaml does)."""
+    try:
+        return signal.parse({signal.name: section}) == signal.parse({})
+    except ValueError:
+        return False
+
+
+def check_estimator_name(name: str) -> None:
+    """verl looks the estimator up only at the first advantage step; refuse an unknown one at start-up."""
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+
+    if name not in ADV_ESTIMATOR_REGISTRY:
+        raise ValueError(f"algorithm.adv_estimator={name} is not a registered advantage estimator; known: "
+                         f"{', '.join(sorted(ADV_ESTIMATOR_REGISTRY))} (shear-verl's register when its plugin "
+                         "loads: check `python -c 'import verl, shear_verl.plugin as p; print(p.status())'`)")
 
 
 def balance_batch(trainer, orig, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
@@ -75,36 +124,59 @@ def balance_batch(trainer, orig, batch, metrics, logging_prefix="global_seqlen",
 
 
 def compute_old_log_prob(trainer, orig, batch, metrics):
-    """Run verl's old-log-prob pass with the capture flag set, then drop our fields from the meta."""
-    settings: ShearSettings = trainer._shear_settings
-    batch.extra_info[FLAG_KEY] = settings.to_json()
+    """Run verl's old-log-prob pass with the signal's worker flag set, then drop its fields from the meta."""
+    run: SignalRun = trainer._signal_run
+    flag = run.signal.worker_flag
+    batch.extra_info[flag] = run.settings.to_json()
     try:
         out = orig(batch, metrics)
     finally:
-        batch.extra_info.pop(FLAG_KEY, None)
-    out.extra_info.pop(FLAG_KEY, None)
-    return strip_shear_fields(out)
+        batch.extra_info.pop(flag, None)
+    out.extra_info.pop(flag, None)
+    return strip_worker_fields(out, run.signal)
 
 
 def compute_advantage(trainer, orig, batch, metrics):
-    """Fetch the workers' weights, expose them to the `shear` estimator, log `shear/*` metrics."""
+    """Fetch the signal's fields, hand them to its estimator around verl's own advantage step."""
     import transfer_queue as tq
     from verl.protocol import DataProto
 
-    refuse_multi_output_sessions(batch.keys)
-    fields = [WEIGHTS_KEY, STATS_KEY, "uid", "response_mask", "rm_scores"]
+    run: SignalRun = trainer._signal_run
+    signal = run.signal
+    refuse_multi_output_sessions(batch.keys, signal.name)
+    fields = [*signal.fields, "uid", "response_mask", "rm_scores"]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-    if WEIGHTS_KEY not in data.keys():
-        from shear_verl.integration.estimator import MISSING_WEIGHTS_HELP
+    if any(f not in data.keys() for f in signal.fields):
+        raise RuntimeError(signal.missing_help)
+    padded = DataProto(batch=data.to_padded_tensor()).batch
+    uids = [str(u) for u in padded.pop("uid").tolist()]  # as verl reads it
+    if signal.prepare is not None:
+        payload = signal.prepare(trainer, run.settings, padded, uids, metrics)
+    else:
+        payload = {f: padded[f] for f in signal.fields}
+    with signals.pending(signal.name, payload, uids) as handoff:
+        out = orig(batch, metrics)
+    metrics.update(handoff.get("metrics", {}))
+    if signal.finish is not None:
+        signal.finish(trainer, run.settings, out, payload, handoff, uids, metrics)
+    return strip_worker_fields(out, signal)
 
-        raise RuntimeError(MISSING_WEIGHTS_HELP)
-    padded = DataProto(batch=data.to_padded_tensor())
-    weights = padded.batch[WEIGHTS_KEY].float()  # [B, T]
-    mask = padded.batch["response_mask"].bool()  # [B, T]
-    uids = [str(u) for u in padded.batch.pop("uid").tolist()]  # as verl reads it
-    scores = sequence_scores(padded.batch["rm_scores"])  # [B], as the workers decided correctness
-    stats = padded.batch[STATS_KEY].float()  # [B, S]
-    settings = trainer._shear_settings
+
+def strip_worker_fields(batch, signal: signals.TokenSignal):
+    """Later worker calls fetch every field listed in the meta: keep the workers' signal out of them
+    (fields verl writes itself, such as `entropy`, stay as verl leaves them)."""
+    if signal.worker_flag is not None and batch.fields is not None:
+        batch.fields = [f for f in batch.fields if f not in signal.fields]
+    return batch
+
+
+# ----------------------------------------------------------------------------- SHEAR's signal
+def shear_prepare(trainer, settings: ShearSettings, padded, uids, metrics) -> dict:
+    """SHEAR before verl's advantage step: `shear/*` metrics, the capped-solve warning, the fallback weights."""
+    weights = padded[WEIGHTS_KEY].float()  # [B, T]
+    mask = padded["response_mask"].bool()  # [B, T]
+    scores = sequence_scores(padded["rm_scores"])  # [B], as the workers decided correctness
+    stats = padded[STATS_KEY].float()  # [B, S]
     metrics.update(shear_metrics(weights, mask, scores, uids, stats, settings.correct_threshold))
     warning = capped_warning(metrics, settings.engine)
     if warning is not None and not getattr(trainer, "_shear_warned_capped", False):
@@ -112,33 +184,42 @@ def compute_advantage(trainer, orig, batch, metrics):
         logger.warning(warning)
     fallback = fallback_rows(stats, uids)  # [B]
     weights = apply_fallback(weights, mask, fallback, settings.fallback)
-    with pending_weights(weights, uids) as handoff:
-        out = orig(batch, metrics)
+    return {"weights": weights, "mask": mask, "scores": scores, "fallback": fallback}
+
+
+def shear_finish(trainer, settings: ShearSettings, out, payload, handoff, uids, metrics) -> None:
+    """SHEAR after verl's advantage step: the fallback metric and warning, the credit dump."""
+    fallback, mask = payload["fallback"], payload["mask"]
     active = int((fallback[:, None] & mask & (handoff["grpo_advantages"] != 0)).any(dim=1).sum())
     metrics["shear/fallback_active_rollouts"] = float(active)
     if active and not getattr(trainer, "_shear_warned_fallback", False):
         trainer._shear_warned_fallback = True  # once per run: the metric counts them every step
         logger.warning(fallback_warning(active, settings.fallback))
     if settings.dump_every > 0 and trainer.global_steps % settings.dump_every == 0:
-        metrics["shear/dump_rollouts"] = float(
-            dump_credit(trainer, out, uids, scores, weights, handoff["grpo_advantages"], settings))
-    return strip_shear_fields(out)
+        metrics["shear/dump_rollouts"] = float(dump_credit(
+            trainer, out, uids, payload["scores"], payload["weights"], handoff["grpo_advantages"], settings))
 
 
-def refuse_multi_output_sessions(keys) -> None:
+SHEAR_SIGNAL = signals.TokenSignal(
+    name=ESTIMATOR_NAME, fields=SHEAR_FIELDS, parse=settings_from_algorithm, worker_flag=FLAG_KEY,
+    whole_groups=True, prepare=shear_prepare, finish=shear_finish, missing_help=MISSING_WEIGHTS_HELP,
+)
+
+
+def refuse_multi_output_sessions(keys, estimator: str = ESTIMATOR_NAME) -> None:
     """Stop on agent sessions with several outputs ("{uid}_{session}_{index}", index > 0).
 
     verl's GRPO (v1/utils.py, compute_advantage_for_multi_trajectories) normalises over each
     session's final output only and broadcasts that scalar to the session's other outputs; any other
-    estimator, `shear` included, gets every output row as a group member, so a SHEAR run and its
-    GRPO twin would use different groups. SHEAR has no per-token answer for the earlier outputs yet.
+    estimator, the token-signal ones included, gets every output row as a group member, so such a
+    run and its GRPO twin would use different groups; the signals have no answer for them yet.
     """
     extra = [k for k in keys if split_key(k)[2] > 0]
     if extra:
         raise RuntimeError(
-            f"algorithm.adv_estimator=shear got {len(extra)} rows that are non-final outputs of multi-output agent "
+            f"algorithm.adv_estimator={estimator} got {len(extra)} rows that are non-final outputs of multi-output agent "
             f"sessions (e.g. key {extra[0]!r}). verl's GRPO groups such sessions by their final output only; "
-            "SHEAR does not support them: use an agent loop that returns one output per session "
+            f"{estimator} does not support them: use an agent loop that returns one output per session "
             "(actor_rollout_ref.rollout.multi_turn / agent loop settings), or algorithm.adv_estimator=grpo."
         )
 
@@ -218,13 +299,6 @@ def fallback_warning(active: int, mode: str) -> str:
             + (", so their updates can be several times larger than a mixed group's; "
                "algorithm.shear.fallback=group_mean scales them like the mixed groups." if mode == "one" else ".")
             + " shear/fallback_active_rollouts counts them every step.")
-
-
-def strip_shear_fields(batch):
-    """Later worker calls fetch every field listed in the meta: keep ours out of them."""
-    if batch.fields is not None:
-        batch.fields = [f for f in batch.fields if f not in SHEAR_FIELDS]
-    return batch
 
 
 def shear_metrics(weights, mask, scores, uids, stats, threshold: float) -> dict[str, float]:

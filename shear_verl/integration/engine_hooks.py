@@ -17,7 +17,7 @@ from shear_verl.integration.capture import (
     rows_per_sequence_padded,
     rows_per_sequence_rmpad,
 )
-from shear_verl.integration.driver import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, compute_batch_weights, sequence_scores
 

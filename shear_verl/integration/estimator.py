@@ -1,26 +1,19 @@
 """The `shear` advantage estimator (Algorithm 1, line 17: A_t^(i) = A_i * w_t^(i)).
 
-verl calls a registered estimator with only rewards, mask, config and uids, so the per-token
-weights computed on the workers reach it through :func:`pending_weights`, which the driver
-wrapper of `_compute_advantage` opens around verl's own advantage step; the estimator hands the
-GRPO advantages it scaled back through the same handle (for the credit dumps).
+The per-token weights computed on the workers reach it as a token signal (signals.py): the
+driver's `_compute_advantage` wrapper opens `signals.pending("shear", {"weights": ...})` around
+verl's own advantage step; the estimator hands the GRPO advantages it scaled back through the
+same handle (for the credit dumps and the fallback metric).
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from shear_verl.core import shear_advantages
+from shear_verl.integration import signals
 from shear_verl.integration.settings import ESTIMATOR_NAME
-
-_PENDING: contextvars.ContextVar[tuple[torch.Tensor, list[str], dict] | None] = contextvars.ContextVar(
-    "shear_pending_weights", default=None
-)
 
 MISSING_WEIGHTS_HELP = (
     "algorithm.adv_estimator=shear found no SHEAR token weights for this batch. They are computed "
@@ -31,21 +24,6 @@ MISSING_WEIGHTS_HELP = (
     "the old-log-prob pass), (3) the trainer is verl's V1 trainer (trainer.use_v1=true) and the "
     "actor engine is FSDP (model_engine=dp) or Megatron."
 )
-
-
-@contextlib.contextmanager
-def pending_weights(weights: torch.Tensor, uids: Sequence[str]) -> Iterator[dict]:
-    """Make `weights` [B, T] (rows in batch order, uid per row) visible to the estimator.
-
-    Yields a dict in which the estimator leaves ``"grpo_advantages"`` [B, T], the unscaled GRPO
-    advantages of the same rows.
-    """
-    handoff: dict = {}
-    token = _PENDING.set((weights, [str(u) for u in uids], handoff))
-    try:
-        yield handoff
-    finally:
-        _PENDING.reset(token)
 
 
 def compute_shear_outcome_advantage(
@@ -68,19 +46,8 @@ def compute_shear_outcome_advantage(
     """
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-    pending = _PENDING.get()
-    if pending is None:
-        raise RuntimeError(MISSING_WEIGHTS_HELP)
-    weights, uids, handoff = pending
-    if index is None:
-        raise RuntimeError("the shear estimator needs the GRPO group ids (`uid`) of the batch")
-    if tuple(weights.shape) != tuple(response_mask.shape):
-        raise RuntimeError(
-            f"SHEAR weights have shape {tuple(weights.shape)} but the batch's response_mask has "
-            f"{tuple(response_mask.shape)}: the weights belong to another batch"
-        )
-    if [str(u) for u in index] != uids:
-        raise RuntimeError("SHEAR weights are not in the batch's row order (uid mismatch)")
+    found = signals.current(ESTIMATOR_NAME, index, response_mask, MISSING_WEIGHTS_HELP, token_keys=("weights",))
+    weights, handoff = found.payload["weights"], found.handoff
 
     norm_by_std = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
     grpo_adv, _ = compute_grpo_outcome_advantage(  # [B, T]
@@ -97,9 +64,12 @@ def compute_shear_outcome_advantage(
 
 
 def register_estimator() -> None:
-    """Register `shear` with verl (idempotent: same function object every time)."""
+    """Register `shear` and its token signal with verl (idempotent: same function object every time)."""
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est
 
+    from shear_verl.integration.driver import SHEAR_SIGNAL
+
+    signals.register_signal(SHEAR_SIGNAL)
     if ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME) is compute_shear_outcome_advantage:
         return
     register_adv_est(ESTIMATOR_NAME)(compute_shear_outcome_advantage)

@@ -24,14 +24,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from shear_verl._patching import UnsupportedVerlError
 from shear_verl.integration import engine_hooks
-from shear_verl.integration.driver import FLAG_KEY
-from shear_verl.integration.patches import (
-    UnsupportedVerlError,
-    _delegate,
-    _wrap,
-    check_verl_version,
-)
+from shear_verl.integration.fields import FLAG_KEY
 
 # megatron-core versions the capture is written for: [0.16, 0.18). Tested with 0.16.1 (the newest
 # release that installs on Python 3.11; >= 0.17 declares Python >= 3.12).
@@ -204,16 +199,3 @@ def megatron_infer_batch(engine, orig, data, *args, **kwargs):
         check_engine_config(engine)
     return engine_hooks.infer_batch_with_weights(engine, orig, data, *args, **kwargs)
 
-
-def patch_megatron_engine(module) -> None:
-    """verl.workers.engine.megatron.transformer_impl.MegatronEngineWithLMHead: hidden-state capture."""
-    check_verl_version()
-    check_megatron_core_version()
-    cls = module.MegatronEngineWithLMHead
-    _wrap(cls, "forward_step",
-          ("self", "batch_iter", "model", "logits_processor_func", "postprocess_micro_batch_func"),
-          _delegate(megatron_forward_step))
-    # infer_batch is inherited from BaseEngine; wrap it on the LM-head engine only.
-    if "infer_batch" not in cls.__dict__:
-        cls.infer_batch = module.BaseEngine.infer_batch
-    _wrap(cls, "infer_batch", ("self", "data"), _delegate(megatron_infer_batch))

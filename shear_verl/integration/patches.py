@@ -1,9 +1,21 @@
-"""Every monkeypatch shear-verl applies to verl (SHEAR integration). CPU-only patches: shear_verl.cpu.
+"""Every monkeypatch shear-verl applies to verl (token signals, SHEAR). CPU-only patches: shear_verl.cpu.
 
 Installed lazily: the `verl.plugins` entry point runs inside `import verl` in every process, so
 instead of importing verl's trainer and engines there (seconds, and half of verl), a post-import
 hook (wrapt's) patches each class when verl itself imports its module. Each patch checks the verl version
 and the patched symbol first, and refuses with a message naming the supported versions.
+
+| verl symbol | what the wrapper adds | active when |
+|---|---|---|
+| ``v1.trainer_base.PPOTrainer.__init__`` | start-up checks (driver.validate_config): known ``adv_estimator``, no other method's ``algorithm.<name>.*``, the signal's needs; records the run's token signal | every run (checks); a token-signal estimator (the rest) |
+| ``PPOTrainer._balance_batch`` | whole GRPO groups per data-parallel rank | signals the workers compute per group (``shear``) |
+| ``PPOTrainer._compute_old_log_prob`` | the signal's worker flag on verl's old-log-prob pass; its fields kept out of later passes | worker-computed signals (``shear``) |
+| ``PPOTrainer._compute_advantage`` | fetch the signal's fields, hand them to the estimator (signals.pending), log ``<name>/*`` | every token-signal estimator |
+| ``fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` | forward hook on the decoder (LM-head input) | flagged pass (``shear``) |
+| ``FSDPEngineWithLMHead.prepare_model_outputs`` | captured response rows next to ``log_probs`` | flagged pass |
+| ``FSDPEngineWithLMHead.infer_batch`` (inherited ``BaseEngine.infer_batch``) | SHEAR weights from the captured rows | flagged pass |
+| ``megatron.transformer_impl.MegatronEngineWithLMHead.forward_step`` | ``decoder.final_layernorm`` capture, un-sharded (megatron_capture.py) | flagged pass, last stage |
+| ``MegatronEngineWithLMHead.infer_batch`` (inherited) | config refusals + SHEAR weights | flagged pass |
 """
 
 from __future__ import annotations
@@ -14,12 +26,11 @@ from collections.abc import Callable
 
 import wrapt
 
-from shear_verl._patching import UnsupportedVersionError, check_version, is_patched, mark, require
+from shear_verl._patching import UnsupportedVerlError, UnsupportedVersionError, check_version, is_patched, mark, require  # noqa: F401,E501
 
 logger = logging.getLogger("shear_verl")
 
-SUPPORTED_VERL = ("0.9.",)  # verl 0.9.x; developed and tested against 0.9.1
-UnsupportedVerlError = UnsupportedVersionError  # one error for every patch; integration code knows it by this name
+SUPPORTED_VERL = ("0.9.",)  # verl 0.9.x; developed and tested against 0.9.1 (every patch below)
 
 
 def check_verl_version() -> str:
@@ -52,32 +63,34 @@ def _delegate(hook: Callable) -> Callable[[Callable], Callable]:
 
 # ----------------------------------------------------------------------------- driver (V1 trainer)
 def patch_trainer(module) -> None:
-    """verl.trainer.ppo.v1.trainer_base.PPOTrainer: balance / old-log-prob / advantage, shear only."""
-    from shear_verl.integration import driver
+    """verl.trainer.ppo.v1.trainer_base.PPOTrainer: start-up checks; balance / old-log-prob / advantage."""
+    from shear_verl.integration import driver, signals
 
     check_verl_version()
     cls = module.PPOTrainer
 
     def make_init(orig):
         def __init__(self, config, *args, **kwargs):
-            settings = driver.validate_config(config) if driver.is_shear(config) else None
+            settings = driver.validate_config(config)  # every run: fail before workers start
+            signal = signals.active_signal(config)
             orig(self, config, *args, **kwargs)
-            self._shear_settings = settings
-            if settings is not None:
-                for name in ("_balance_batch", "_compute_old_log_prob", "_compute_advantage"):
+            self._signal_run = None if signal is None else driver.SignalRun(signal, settings)
+            if signal is not None:
+                for name in _steps(signal):
                     if not is_patched(getattr(type(self), name)):
                         raise ValueError(
-                            f"algorithm.adv_estimator=shear does not support trainer.v1.trainer_mode="
+                            f"algorithm.adv_estimator={signal.name} does not support trainer.v1.trainer_mode="
                             f"{config.trainer.v1.trainer_mode!r} ({type(self).__name__} overrides {name}); "
                             "use trainer.v1.trainer_mode=sync"
                         )
 
         return __init__
 
-    def make_step(step):
+    def make_step(name, step):
         def make(orig):
             def method(self, batch, metrics, *args, **kwargs):
-                if getattr(self, "_shear_settings", None) is None:
+                run = getattr(self, "_signal_run", None)
+                if run is None or name not in _steps(run.signal):
                     return orig(self, batch, metrics, *args, **kwargs)
                 return step(self, functools.partial(orig, self), batch, metrics, *args, **kwargs)
 
@@ -86,9 +99,15 @@ def patch_trainer(module) -> None:
         return make
 
     _wrap(cls, "__init__", ("self", "config"), make_init)
-    _wrap(cls, "_balance_batch", ("self", "batch", "metrics"), make_step(driver.balance_batch))
-    _wrap(cls, "_compute_old_log_prob", ("self", "batch", "metrics"), make_step(driver.compute_old_log_prob))
-    _wrap(cls, "_compute_advantage", ("self", "batch", "metrics"), make_step(driver.compute_advantage))
+    for name, step in (("_balance_batch", driver.balance_batch), ("_compute_old_log_prob", driver.compute_old_log_prob),
+                       ("_compute_advantage", driver.compute_advantage)):
+        _wrap(cls, name, ("self", "batch", "metrics"), make_step(name, step))
+
+
+def _steps(signal) -> tuple[str, ...]:
+    """The trainer steps a signal changes (the others stay verl's own)."""
+    return (*(("_balance_batch",) if signal.whole_groups else ()),
+            *(("_compute_old_log_prob",) if signal.worker_flag else ()), "_compute_advantage")
 
 
 # ----------------------------------------------------------------------------- FSDP actor engine
@@ -111,9 +130,18 @@ def patch_fsdp_engine(module) -> None:
 # ----------------------------------------------------------------------------- Megatron actor engine
 def patch_megatron_engine(module) -> None:
     """verl.workers.engine.megatron.transformer_impl.MegatronEngineWithLMHead: capture + un-sharding."""
-    from shear_verl.integration.megatron_capture import patch_megatron_engine as patch  # imports this module
+    from shear_verl.integration import megatron_capture
 
-    patch(module)
+    check_verl_version()
+    megatron_capture.check_megatron_core_version()
+    cls = module.MegatronEngineWithLMHead
+    _wrap(cls, "forward_step",
+          ("self", "batch_iter", "model", "logits_processor_func", "postprocess_micro_batch_func"),
+          _delegate(megatron_capture.megatron_forward_step))
+    # infer_batch is inherited from BaseEngine; wrap it on the LM-head engine only.
+    if "infer_batch" not in cls.__dict__:
+        cls.infer_batch = module.BaseEngine.infer_batch
+    _wrap(cls, "infer_batch", ("self", "data"), _delegate(megatron_capture.megatron_infer_batch))
 
 
 # ----------------------------------------------------------------------------- post-import hooks

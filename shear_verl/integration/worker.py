@@ -13,10 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from shear_verl.core import ShearStats, group_token_weights
+from shear_verl.integration.fields import STATS_KEY, WEIGHTS_KEY  # noqa: F401 - re-exported
 from shear_verl.integration.settings import ShearSettings
 
-WEIGHTS_KEY = "shear_weights"  # nested [b, response_len_i] float32
-STATS_KEY = "shear_stats"  # [b, len(STATS_COLUMNS)] float32
 # A group's totals sit on its first row (the ShearStats counters, its wall time); per row: whether
 # it kept the fallback weight, the rank that computed it and that rank's captured megabytes.
 GROUP_COLUMNS = ("sinkhorn_solves", "candidate_pairs", "pruned_pairs", "dual_pruned_pairs", "capped_solves",

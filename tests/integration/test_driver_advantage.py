@@ -14,6 +14,7 @@ from tensordict import NonTensorStack, TensorDict
 
 from shear_verl.core import ShearConfig
 from shear_verl.integration import patches
+from shear_verl.integration.driver import SHEAR_SIGNAL, SignalRun
 from shear_verl.integration.estimator import register_estimator
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import COL, STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
@@ -44,7 +45,7 @@ def make_trainer(**settings):
             "actor_rollout_ref": {"rollout": {"n": 4}},
         }
     )
-    trainer._shear_settings = ShearSettings(engine=ShearConfig(), **settings)
+    trainer._signal_run = SignalRun(SHEAR_SIGNAL, ShearSettings(engine=ShearConfig(), **settings))
     return trainer
 
 

@@ -14,7 +14,7 @@ from tensordict import TensorDict
 
 from shear_verl.core import ShearConfig, group_token_weights
 from shear_verl.integration import patches
-from shear_verl.integration.driver import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
 

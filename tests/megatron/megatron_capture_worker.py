@@ -128,7 +128,7 @@ def make_batch(*, dynamic: bool, flag: bool):
     from tensordict import NonTensorStack, TensorDict
     from verl.utils import tensordict_utils as tu
 
-    from shear_verl.integration.driver import FLAG_KEY
+    from shear_verl.integration.fields import FLAG_KEY
 
     g = torch.Generator().manual_seed(0)
     ids, masks = [], []
@@ -176,7 +176,7 @@ def run_engine(tp: int) -> dict:
     from megatron.core import parallel_state as mpu
 
     from shear_verl.integration.capture import HIDDEN_KEY
-    from shear_verl.integration.megatron_capture import patch_megatron_engine
+    from shear_verl.integration.patches import patch_megatron_engine
 
     model = build_model(tp)
     patch_megatron_engine(impl)

@@ -9,8 +9,9 @@ import torch
 from tensordict import TensorDict
 
 from shear_verl.integration import megatron_capture
-from shear_verl.integration.driver import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY
 from shear_verl._patching import is_patched
+from shear_verl.integration import patches
 from shear_verl.integration.patches import UnsupportedVerlError
 
 
@@ -18,7 +19,7 @@ from shear_verl.integration.patches import UnsupportedVerlError
 def impl():
     import verl.workers.engine.megatron.transformer_impl as impl
 
-    megatron_capture.patch_megatron_engine(impl)
+    patches.patch_megatron_engine(impl)
     return impl
 
 
@@ -29,7 +30,7 @@ def test_patch_wraps_verls_methods(impl):
     assert list(inspect.signature(forward_step.__wrapped__).parameters) == [
         "self", "batch_iter", "model", "logits_processor_func", "postprocess_micro_batch_func"]
     assert infer_batch.__wrapped__ is impl.BaseEngine.infer_batch
-    megatron_capture.patch_megatron_engine(impl)  # idempotent: no second layer
+    patches.patch_megatron_engine(impl)  # idempotent: no second layer
     assert cls.__dict__["forward_step"] is forward_step and cls.__dict__["infer_batch"] is infer_batch
     # the value-head engine keeps its own forward_step
     assert not is_patched(impl.MegatronEngineWithValueHead.__dict__["forward_step"])
@@ -52,7 +53,7 @@ def test_patch_refuses_changed_signature():
         pass
 
     with pytest.raises(UnsupportedVerlError, match="forward_step: expected parameters"):
-        megatron_capture.patch_megatron_engine(_fake_module(forward_step))
+        patches.patch_megatron_engine(_fake_module(forward_step))
 
 
 @pytest.mark.parametrize("version", ["0.15.2", "0.18.0", "1.0.0"])
@@ -61,7 +62,7 @@ def test_megatron_core_version_guard(monkeypatch, version):
 
     monkeypatch.setattr(info, "__version__", version)
     with pytest.raises(UnsupportedVerlError, match=r"megatron-core >=0\.16,<0\.18 .*found megatron-core " + version):
-        megatron_capture.patch_megatron_engine(_fake_module(lambda self, batch_iter, model, a, b: None))
+        patches.patch_megatron_engine(_fake_module(lambda self, batch_iter, model, a, b: None))
 
 
 def test_installed_megatron_core_is_supported():
