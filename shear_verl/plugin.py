@@ -1,7 +1,7 @@
 """`verl.plugins` entry point: loaded by `import verl` in every verl process.
 
 verl swallows plugin errors at DEBUG level, so every failure here is logged at WARNING with what
-it breaks. Kept light: it registers the `shear` estimator and installs lazy patches; nothing heavy
+it breaks. Kept light: it registers the `shear` estimator and the baselines' and installs lazy patches; nothing heavy
 is imported until verl imports the module being patched.
 """
 
@@ -32,6 +32,14 @@ def _load() -> None:
     except Exception as exc:  # noqa: BLE001
         _STATUS["shear"] = f"failed: {exc!r}"
         logger.warning("shear-verl: algorithm.adv_estimator=shear is NOT available in this process: %r", exc)
+    try:
+        from shear_verl.baselines import BASELINES, register_baselines
+
+        register_baselines()
+        _STATUS["baselines"] = "registered: " + ", ".join(BASELINES)
+    except Exception as exc:  # noqa: BLE001
+        _STATUS["baselines"] = f"failed: {exc!r}"
+        logger.warning("shear-verl: the baseline estimators are NOT available in this process: %r", exc)
 
 
 def status() -> dict[str, str]:
