@@ -27,7 +27,7 @@ import shear_verl.cpu
 
 from .assets import TinyAssets, TinySpec, build_assets
 
-ADV_ESTIMATORS = ("grpo", "shear")
+ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy")  # baselines: their paper defaults
 REWARD_FNS = {"parity": reward_fns.tiny.__file__, "counting": reward_fns.counting.__file__}
 
 
