@@ -13,7 +13,7 @@
 #   STEPS=30 bash recipes/run_shear_tiny.sh trainer.save_freq=10   # extra args: hydra overrides
 #   RESUME=1 STEPS=40 bash recipes/run_shear_tiny.sh               # continue from the last checkpoint
 #
-# Settings (environment): TASK (counting|parity), ADV (shear|grpo, default shear), STEPS (the
+# Settings (environment): TASK (counting|parity), ADV (shear|grpo|entropy_adv|top_entropy, default shear), STEPS (the
 # task's: 16 counting, 30 parity), SEED (0), OUT (outputs/tiny), SAVE_FREQ (-1: never), RESUME (0/1),
 # SHEAR_VENV (./.venv). Library code: shear_verl/tiny/.
 set -euo pipefail
