@@ -64,7 +64,7 @@ import ot
 import torch
 
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.ot import sinkhorn_transport_cost
 from shear_verl.core.spans import span_starts
 from shear_verl.core.weights import _Side, group_mean_norm, opposing_span_minima
 

@@ -42,8 +42,10 @@ import torch
 
 from shear_verl.core import metrics
 from shear_verl.core.config import ShearConfig, ShearStats
-from shear_verl.core.sinkhorn import (ANDERSON_MEMORY, DEFAULT_BLOCK, RunningMinima, sinkhorn_transport_cost,
-                                      tiled_sinkhorn_transport_cost)
+from shear_verl.core.ot import (RunningMinima, check_backend, default_backend, sinkhorn_transport_cost,
+                                tiled_sinkhorn_transport_cost)
+from shear_verl.core.ot.anderson import ANDERSON_MEMORY
+from shear_verl.core.ot.sinkhorn import DEFAULT_BLOCK
 from shear_verl.core.spans import pool_spans_to_tokens, span_length, span_starts, window_reduce
 
 # Metrics measured in hidden-state units (divided by the group's mean norm). MMD with the median
@@ -246,7 +248,7 @@ def _tiles(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, g: int, s
 
 def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                   cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                  values: torch.Tensor, bests: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                  values: torch.Tensor, bests: tuple[torch.Tensor, torch.Tensor] | None, backend: str) -> torch.Tensor:
     """Solve the pairs of full spans with the tiled solver, into ``values``; with ``bests`` (the best
     values of the rows and columns so far, lowered in place), pairs its dual bound proves >= both
     their row's and column's best are +inf. Returns the mask of pairs done (the others: spans shorter
@@ -263,7 +265,7 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
     # Peak elements per problem, given the sharing required below (blocks <= P / _MIN_SHARING): six
     # block-sized tensors (costs, kernel, its active copy, and the exponent, K * C, or the dual bound's
     # costs, their transpose and one slot's differences), two [slots, g] products (slots < 2 P L^2,
-    # ``_Tiling``'s packing) and the [P, L, L, g] gather. The float64 retry of kernels outside
+    # ``ot.tiling.Tiling``'s packing) and the [P, L, L, g] gather. The float64 retry of kernels outside
     # float32's range takes a third of the problems at a time (2 x 6 / 3 units beside the float32
     # costs): within the same peak. Beside them, per problem: Anderson's 2 m differences and a dozen
     # [L g] vectors (scalings, products, residuals, and the solved problems' kept scalings).
@@ -274,7 +276,7 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
             continue
         minima = None if bests is None else RunningMinima(rows[chunk], cols[chunk], *bests)
         v, capped, solved, cut = tiled_sinkhorn_transport_cost(blocks, tiles, epsilon, cfg.tol, cfg.max_iter,
-                                                               minima=minima)
+                                                               minima=minima, backend=backend)
         values[chunk[solved]] = v[solved]
         values[chunk[cut]] = math.inf
         done[chunk[solved | cut]] = True
@@ -286,12 +288,12 @@ def _tiled_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, di
 
 def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor, dist: _TokenDistances,
                       cfg: ShearConfig, epsilon: float, batch_bytes: int, stats: ShearStats,
-                      bests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      backend: str, bests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """W_eps (or exact W1) of the span pairs (rows[p], cols[p]): the tiled solver where it applies, the
     rest batched across rollout pairs by span shape. With ``bests`` ([S_a], [S_b]: the row and column
     minima so far), a pair the tiled solver proves >= both its minima is +inf instead. [P]"""
     values = torch.empty(rows.shape[0], dtype=a.states[0].dtype, device=rows.device)
-    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, bests)
+    rest = ~_tiled_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, values, bests, backend)
     rest = rest.nonzero().squeeze(1)
     shape_key = a.length[rows[rest]] * (cfg.span_len + 1) + b.length[cols[rest]]  # [R] (n, m) of each pair
     for key in shape_key.unique().tolist():
@@ -311,7 +313,7 @@ def _transport_values(a: _Side, b: _Side, rows: torch.Tensor, cols: torch.Tensor
 
 
 def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: ShearConfig, epsilon: float,
-                              batch_bytes: int, stats: ShearStats) -> torch.Tensor:
+                              batch_bytes: int, stats: ShearStats, backend: str) -> torch.Tensor:
     """Span distance matrix [S_a, S_b] for "sinkhorn"/"w1"; with pruning, entries that cannot be a row
     or column minimum are left at +inf (the minima are exactly brute force's)."""
     s_a, s_b = a.num_spans, b.num_spans
@@ -319,7 +321,7 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
     values = torch.full((s_a, s_b), math.inf, dtype=dtype, device=device)
     if not cfg.prune:
         rows, cols = torch.ones(s_a, s_b, dtype=torch.bool, device=device).nonzero(as_tuple=True)
-        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, backend)
         return values
 
     bound = torch.cdist(a.span_means(cfg.stride), b.span_means(cfg.stride))  # [S_a, S_b] mean bound
@@ -341,24 +343,27 @@ def _transport_span_distances(a: _Side, b: _Side, dist: _TokenDistances, cfg: Sh
         rows, cols = todo.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return values
-        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, bests)
+        values[rows, cols] = _transport_values(a, b, rows, cols, dist, cfg, epsilon, batch_bytes, stats, backend,
+                                               bests)
         done[rows, cols] = True
         bests = values.amin(1), values.amin(0)  # [S_a], [S_b]
         todo = ~done & ((bound < bests[0][:, None]) | (bound < bests[1][None, :]))
 
 
 def opposing_span_minima(a: _Side, b: _Side, cfg: ShearConfig, epsilon: float,
-                         stats: ShearStats) -> tuple[torch.Tensor, torch.Tensor]:
+                         stats: ShearStats, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """d_k (Algorithm 1 line 4) of every span of both sides: the min over all spans of all opposing rollouts.
 
     Returns ([S_a], [S_b]). Work is chunked to stay inside cfg.memory_budget_mb: half for cached
-    token-distance blocks, half for solver batches.
+    token-distance blocks, half for solver batches. backend: the tiled solver's (``ot.backend``);
+    None: the faster one for the states' device.
     """
+    backend = check_backend(default_backend(a.states[0]) if backend is None else backend, a.states[0])
     budget = int(cfg.memory_budget_mb * 2**20)
     dist = _TokenDistances(a, b, limit_bytes=budget // 2)
     stats.candidate_pairs += a.num_spans * b.num_spans
     if cfg.metric in _PRUNABLE_METRICS:
-        values = _transport_span_distances(a, b, dist, cfg, epsilon, budget // 2, stats)
+        values = _transport_span_distances(a, b, dist, cfg, epsilon, budget // 2, stats, backend)
         stats.pruned_pairs += int(torch.isinf(values).sum())
     else:
         values = a.states[0].new_empty(a.num_spans, b.num_spans)  # [S_a, S_b]
@@ -378,14 +383,18 @@ def opposing_span_minima(a: _Side, b: _Side, cfg: ShearConfig, epsilon: float,
 
 
 def group_token_weights(hidden_states: Sequence[torch.Tensor], correct: Sequence[bool], cfg: ShearConfig,
-                        stats: ShearStats | None = None) -> list[torch.Tensor]:
+                        stats: ShearStats | None = None, backend: str | None = None) -> list[torch.Tensor]:
     """SHEAR weights w_t^(i) of every response token of one GRPO group (Algorithm 1 lines 1-13).
 
     hidden_states: G tensors [T_i, d] (the counted response tokens, in order), on one device;
     correct: G bools. Returns G float32 tensors [T_i] on that device. Rollouts without a non-empty
-    opposing rollout keep plain GRPO (all ones). ``stats``, if given, is added to.
+    opposing rollout keep plain GRPO (all ones). ``stats``, if given, is added to. ``backend``: where the
+    tiled solver's loops run, "numba" (host memory) or "torch" (any device); None picks, once here, the
+    faster one for the states' device (``ot.backend.default_backend``).
     """
     states = validate_group(hidden_states, correct)
+    if states:
+        backend = check_backend(default_backend(states[0]) if backend is None else backend, states[0])
     flags = [bool(c) for c in correct]
     stats = stats if stats is not None else ShearStats()
     stats.groups += 1
@@ -410,7 +419,7 @@ def group_token_weights(hidden_states: Sequence[torch.Tensor], correct: Sequence
     post_scale = 1.0 / scale if cfg.metric in _METRICS_WITH_UNITS else 1.0
 
     good, bad = (_Side.build(m, [h[i] for i in m], cfg) for m in side_members)
-    min_good, min_bad = opposing_span_minima(good, bad, cfg, epsilon, stats)  # [S_good], [S_bad]
+    min_good, min_bad = opposing_span_minima(good, bad, cfg, epsilon, stats, backend)  # [S_good], [S_bad]
     for side, minima in ((good, min_good), (bad, min_bad)):
         for pos, i in enumerate(side.members):
             span_d = minima[side.first[pos]:side.first[pos] + len(side.starts[pos])] * post_scale  # [K_i]

@@ -1,6 +1,6 @@
 """The core tests' oracle: a straightforward per-span-pair SHEAR reference built on POT and numpy.
 
-Written from SHEAR_SPEC.md independently of shear_verl.core: loops over every rollout, span,
+Written from docs/method.md independently of shear_verl.core: loops over every rollout, span,
 opposing rollout and opposing span, exactly as Algorithm 1 reads, with POT for the transport
 problems. Slow on purpose; only for small groups.
 
@@ -81,13 +81,11 @@ def reference():
     return sys.modules[__name__]
 
 
-@pytest.fixture(params=["fused", "torch"])
-def solver_path(request, monkeypatch):
-    """Both implementations of the tiled solver's loops, run here on the CPU: numba's per-problem
-    kernels (``shear_verl.core.fused``, the path for host tensors) and batched torch operations (the
-    path for GPU tensors, forced here). With SHEAR_TEST_DEVICE=cuda both run the torch path."""
-    if request.param == "torch":
-        from shear_verl.core import sinkhorn
+@pytest.fixture(params=["numba", "torch"])
+def solver_path(request):
+    """Both backends of the tiled solver's loops (``shear_verl.core.ot.backend``), passed to the public
+    functions' ``backend`` argument: numba's per-problem kernels (host memory) and batched torch
+    operations (any device). With SHEAR_TEST_DEVICE=cuda both runs take "torch"."""
+    import os
 
-        monkeypatch.setattr(sinkhorn, "_fused", lambda tensor: False)
-    return request.param
+    return "torch" if os.environ.get("SHEAR_TEST_DEVICE", "cpu") != "cpu" else request.param

@@ -8,8 +8,8 @@ import numba
 import numpy as np
 import torch
 
-from shear_verl.core import fused
-from shear_verl.core.sinkhorn import Anderson
+from shear_verl.core.ot import fused
+from shear_verl.core.ot.anderson import Anderson
 
 FLOAT32_ULP = np.finfo(np.float32).eps  # 2^-23
 

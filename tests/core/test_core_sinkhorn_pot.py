@@ -7,9 +7,10 @@ import ot
 import pytest
 import torch
 
-from shear_verl.core import sinkhorn as sinkhorn_module
-from shear_verl.core.sinkhorn import (Anderson, RunningMinima, _kernel_products, _Tiling, adapt_relaxation,
-                                      sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound)
+from shear_verl.core.ot import RunningMinima, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound
+from shear_verl.core.ot.anderson import Anderson
+from shear_verl.core.ot.sinkhorn import adapt_relaxation
+from shear_verl.core.ot.tiling import DENSE_BELOW, Tiling, kernel_products
 
 DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
 
@@ -142,40 +143,48 @@ def _grid_tiling(t_x, t_y, g, L, d, seed, dtype=torch.float64):
 def test_tiled_equals_pot_on_shared_blocks(memory, solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=8)  # 64 problems sharing up to 9 each
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000,
-                                                                   memory=memory)
+                                                                   memory=memory, backend=solver_path)
     assert solved.all() and not capped.any() and not pruned.any()
     np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.3), rtol=1e-6)
 
 
-def test_tiled_acceleration_takes_fewer_iterations(monkeypatch):
+def _iterations(blocks, tiles, memory, backend):
+    """Least max_iter at which every problem converges (checked after every iteration), by bisection
+    on the public ``capped`` flags."""
+    lo, hi = 1, 1
+    while tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=hi, memory=memory, check_every=1,
+                                        backend=backend)[1].any():
+        lo, hi = hi, 2 * hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        capped = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=mid, memory=memory,
+                                               check_every=1, backend=backend)[1]
+        lo, hi = (mid + 1, hi) if capped.any() else (lo, mid)
+    return lo
+
+
+def test_tiled_acceleration_takes_fewer_iterations(solver_path):
     # memory 0 is POT's plain iterations; Anderson's reach the same values (above) in under half.
-    # Counted on the torch path (the fused kernels run the same iterations: the next test).
-    monkeypatch.setattr(sinkhorn_module, "_fused", lambda tensor: False)
     blocks, tiles, _ = _grid_tiling(40, 48, 4, 3, 3, seed=8)
-    steps, step = {}, Anderson.step
-    monkeypatch.setattr(Anderson, "step", lambda self, u, r: steps.update({self.memory: steps.get(self.memory, 0)
-                                                                            + u.shape[0]}) or step(self, u, r))
-    for memory in (0, 5):
-        tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000, memory=memory)
-    assert 0 < steps[5] < 0.5 * steps[0]
+    plain, accelerated = (_iterations(blocks, tiles, memory, solver_path) for memory in (0, 5))
+    assert 0 < accelerated < 0.5 * plain
 
 
 @pytest.mark.parametrize("memory", [0, 5])
-def test_fused_kernels_run_the_torch_paths_iterations(memory, monkeypatch):
+def test_fused_kernels_run_the_torch_paths_iterations(memory):
     """Checked after every iteration, both paths stop each problem at the same iteration with the same
     iterate (float64: equal to rounding, where one iteration more or less moves a value by ~tol); the
     fused kernel's scalings also come back unchanged when a problem has converged."""
     blocks, tiles, _ = _grid_tiling(40, 48, 4, 3, 3, seed=15)
     fused, _, fused_solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-8, max_iter=10_000,
-                                                              memory=memory, check_every=1)
-    monkeypatch.setattr(sinkhorn_module, "_fused", lambda tensor: False)
+                                                              memory=memory, check_every=1, backend="numba")
     batched, _, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-8, max_iter=10_000,
-                                                          memory=memory, check_every=1)
+                                                          memory=memory, check_every=1, backend="torch")
     assert fused_solved.all() and solved.all()
     np.testing.assert_allclose(fused.cpu().numpy(), batched.cpu().numpy(), rtol=1e-12)
     # one iteration apart they differ by far more
     shorter, _, _, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-7, max_iter=10_000,
-                                                     memory=memory, check_every=1)
+                                                     memory=memory, check_every=1, backend="torch")
     assert np.abs(shorter.cpu().numpy() / batched.cpu().numpy() - 1).max() > 1e-10
 
 
@@ -213,14 +222,12 @@ def test_anderson_falls_back_to_plain_iterations():
     assert accel.plain.tolist() == [True, False] and accel.d_r.shape[0] == 2
 
 
-@pytest.mark.parametrize("step", [1, 20])  # 80 problems: through _Tiling; 4: written out (2 P L^2 <= 120 blocks)
-def test_kernel_products_equal_the_written_out_matrices(step, monkeypatch):
-    tilings = []
-    monkeypatch.setattr(sinkhorn_module, "_Tiling", lambda t: tilings.append(t) or _Tiling(t))
+@pytest.mark.parametrize("step", [1, 20])  # 80 problems: through Tiling; 4: written out (2 P L^2 <= 120 blocks)
+def test_kernel_products_equal_the_written_out_matrices(step):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=13)  # 120 blocks
     tiles, kernels = tiles[::step], torch.exp(-costs[::step] / 0.5)  # [P, 12, 12]
-    k_mul, kt_mul = _kernel_products(tiles, torch.exp(-blocks / 0.5))
-    assert len(tilings) == (step == 1)
+    assert (tiles.shape[0] > DENSE_BELOW) == (step == 1)  # both ways of ``kernel_products``
+    k_mul, kt_mul = kernel_products(tiles, torch.exp(-blocks / 0.5))
     v = torch.rand(tiles.shape[0], 3, 4, dtype=torch.float64).to(DEVICE)
     torch.testing.assert_close(k_mul(v).flatten(1), torch.einsum("pij,pj->pi", kernels, v.flatten(1)))
     torch.testing.assert_close(kt_mul(v).flatten(1), torch.einsum("pij,pi->pj", kernels, v.flatten(1)))
@@ -228,49 +235,34 @@ def test_kernel_products_equal_the_written_out_matrices(step, monkeypatch):
 
 def test_tiled_equals_pot_on_written_out_kernels(solver_path):
     blocks, tiles, costs = _grid_tiling(40, 48, 4, 3, 3, seed=14)
-    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles[::20], 0.3, tol=1e-12, max_iter=100_000)
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles[::20], 0.3, tol=1e-12, max_iter=100_000, backend=solver_path)
     assert solved.all() and not capped.any()
     np.testing.assert_allclose(values.cpu().numpy(), _pot(costs[::20], 0.3), rtol=1e-6)
 
 
-def _spy_dtypes(monkeypatch):
-    """Record (dtype, number of problems) of every pass of the tiled solver's iterations."""
-    calls, solve = [], sinkhorn_module._tiled_sinkhorn
-
-    def spy(blocks, tiles, *args):
-        calls.append((blocks.dtype, tiles.shape[0]))
-        return solve(blocks, tiles, *args)
-
-    monkeypatch.setattr(sinkhorn_module, "_tiled_sinkhorn", spy)
-    return calls
-
-
-def test_tiled_float32_solves_out_of_range_kernels_in_float64(monkeypatch, solver_path):
+def test_tiled_float32_solves_out_of_range_kernels_in_float64(solver_path):
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 30.0  # (C - min C) / eps = 150 > 39: exp leaves float32 for the problems using block 0
     costs = torch.stack([blocks[t].permute(0, 2, 1, 3).reshape(8, 8) for t in tiles])
     uses_block_0 = (tiles == 0).flatten(1).any(1)
-    calls = _spy_dtypes(monkeypatch)
-    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
-    assert solved.all() and not capped.any() and values.dtype == torch.float32
-    assert calls == [(torch.float32, tiles.shape[0]), (torch.float64, int(uses_block_0.sum()))]
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000, backend=solver_path)
+    # the problems using block 0 are outside float32's range (150 > 39 eps): solved all the same, in float64
+    assert solved.all() and not capped.any() and values.dtype == torch.float32 and uses_block_0.any()
     np.testing.assert_allclose(values.double().cpu().numpy(), _pot(costs, 0.2), rtol=1e-5)
 
 
-def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(monkeypatch, solver_path):
+def test_tiled_leaves_kernels_out_of_float64_range_to_the_stabilised_solver(solver_path):
     blocks, tiles, costs = _grid_tiling(24, 24, 4, 2, 3, seed=9, dtype=torch.float32)
     blocks[0, 1, 2] += 100.0  # (C - min C) / eps = 500 > 318: beyond float64's range too
     uses_block_0 = (tiles == 0).flatten(1).any(1)
-    calls = _spy_dtypes(monkeypatch)
-    values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000)
+    values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.2, tol=1e-6, max_iter=100_000, backend=solver_path)
     assert (solved == ~uses_block_0).all() and uses_block_0.any() and not capped.any() and not pruned.any()
-    assert [dtype for dtype, _ in calls] == [torch.float32, torch.float64]
     np.testing.assert_allclose(values[solved].double().cpu().numpy(), _pot(costs[solved], 0.2), rtol=1e-5)
 
 
 def test_tiled_reports_capped_problems(solver_path):
     blocks, tiles, _ = _grid_tiling(16, 16, 4, 2, 3, seed=10)
-    _, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3)
+    _, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.05, tol=1e-12, max_iter=3, backend=solver_path)
     assert capped.all() and solved.all()
 
 
@@ -282,9 +274,9 @@ def test_tiled_packs_any_number_of_users_per_block(solver_path):
     odd = torch.tensor([[[3, 3], [3, 0]]], device=DEVICE)  # block 3 at three positions of one problem
     tiles = torch.cat([tiles[repeat], odd])
     costs = torch.cat([costs[repeat], blocks[odd[0]].permute(0, 2, 1, 3).reshape(1, 8, 8)])
-    tiling = _Tiling(tiles)
+    tiling = Tiling(tiles)
     assert sorted({size for _, _, size, _ in tiling.buckets}) == [1, 2, 4, 8, 32]
-    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000)
+    values, capped, solved, _ = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-12, max_iter=100_000, backend=solver_path)
     assert solved.all() and not capped.any()
     np.testing.assert_allclose(values.cpu().numpy(), _pot(costs, 0.3), rtol=1e-6)
 
@@ -298,24 +290,24 @@ def test_w1_dual_bound_is_w1_at_the_optimal_potentials_and_below_it_otherwise(so
     w1 = _exact_w1(costs)
     # POT's exact dual potentials (network simplex): the c-transforms keep them optimal.
     f_opt = torch.stack([torch.as_tensor(ot.emd(ot.unif(12), ot.unif(12), c.cpu().numpy(), log=True)[1]["u"]) for c in costs]).to(DEVICE)
-    bound, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4))
+    bound, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4), backend=solver_path)
     np.testing.assert_allclose(bound.cpu().numpy(), w1, rtol=1e-9)
     # Any other potential, e.g. random or shifted by a constant: still a lower bound.
     f_rand = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
-    assert (w1_dual_bound(blocks, tiles, f_rand)[0].cpu().numpy() <= w1 + 1e-12).all()
-    shifted, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4) + 7.0)
+    assert (w1_dual_bound(blocks, tiles, f_rand, backend=solver_path)[0].cpu().numpy() <= w1 + 1e-12).all()
+    shifted, _ = w1_dual_bound(blocks, tiles, f_opt.view(-1, 3, 4) + 7.0, backend=solver_path)
     np.testing.assert_allclose(shifted.cpu().numpy(), w1, rtol=1e-9)
 
 
 def test_w1_dual_bound_of_the_transposed_problems_tightens_it_once(solver_path):
-    """The second c-transform (``_raise_dual_bound``): the same bound on the transposed problems with f^c as
+    """The second c-transform (``bounds.raise_dual_bound``): the same bound on the transposed problems with f^c as
     their row potential is >= the first and still <= W1 (POT's exact W1); a third returns the second."""
     blocks, tiles, costs = _grid_tiling(24, 32, 4, 3, 3, seed=14)
     w1 = _exact_w1(costs)
     f = torch.randn(tiles.shape[0], 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
-    first, f_c = w1_dual_bound(blocks, tiles, f)
-    second, f_cc = w1_dual_bound(blocks, tiles, f_c, transposed=True)
-    third, _ = w1_dual_bound(blocks, tiles, f_cc)
+    first, f_c = w1_dual_bound(blocks, tiles, f, backend=solver_path)
+    second, f_cc = w1_dual_bound(blocks, tiles, f_c, transposed=True, backend=solver_path)
+    third, _ = w1_dual_bound(blocks, tiles, f_cc, backend=solver_path)
     assert (second >= first - 1e-12).all() and (second > first + 1e-3).any()
     assert (second.cpu().numpy() <= w1 + 1e-12).all()
     np.testing.assert_allclose(third.cpu().numpy(), second.cpu().numpy(), rtol=1e-12)
@@ -335,7 +327,7 @@ def test_tiled_minima_stop_only_problems_proven_above_both_bests(dtype, solver_p
     known[::5] = float("inf")
     minima = RunningMinima(torch.arange(P, device=DEVICE), torch.arange(P, device=DEVICE), known.clone(), known.clone())
     values, capped, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-7, max_iter=100_000,
-                                                                   minima=minima)
+                                                                   minima=minima, backend=solver_path)
     assert pruned.any() and not (solved & pruned).any() and (solved | pruned).all() and not capped.any()
     assert not pruned[::5].any()
     assert (ref[pruned.cpu().numpy()] >= known[pruned].double().cpu().numpy()).all()  # W_eps really is >= both bests
@@ -356,7 +348,7 @@ def test_tiled_minima_are_lowered_by_the_problems_it_solves(solver_path):
                            torch.full((1,), start, dtype=torch.float64, device=DEVICE),
                            torch.full((1,), start, dtype=torch.float64, device=DEVICE))
     values, _, solved, pruned = tiled_sinkhorn_transport_cost(blocks, tiles, 0.3, tol=1e-9, max_iter=100_000,
-                                                              minima=minima)
+                                                              minima=minima, backend=solver_path)
     assert pruned.any() and (solved | pruned).all() and solved[int(np.argmin(ref))]
     assert float(minima.best_rows[0]) == pytest.approx(ref.min(), rel=1e-6)
     assert float(minima.best_cols[0]) == pytest.approx(ref.min(), rel=1e-6)

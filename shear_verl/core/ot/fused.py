@@ -5,15 +5,15 @@ running problems, each a pass over memory (on a 2-core CPU ~2 us per problem and
 which the mat-vecs' arithmetic is ~0.6 us). Here each problem runs all its iterations up to the next
 check at once, its kernel written out (w x w, 40 KB at w = 100) in the core's cache, and stops at
 the first iteration whose marginal error is below the tolerance instead of at the next check. No
-library provides this loop: POT solves one problem per call, and torch.compile cannot fuse the
+library provides this loop: POT's ``ot.batch`` runs batched torch operations like the torch backend, and torch.compile cannot fuse the
 per-problem loop with the solve of Anderson's small system. The iterations are the torch path's
-(``sinkhorn.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
+(``anderson.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
 the stopping test are unchanged; only the order of the floating-point sums differs. Measured on a
 trained LM's and synthetic span problems (w = 100, float32, 2 cores): ~0.8 us per problem and
 iteration against ~2.0 us for the torch path, and the whole engine 1.8-3.2x faster on the
 12 groups of ``scripts/bench_weights.py`` (synthetic and captured states).
 
-GPU tensors keep the torch path (``sinkhorn._tiled_sinkhorn``), which is already batched there.
+GPU tensors take the torch backend (``tiled``, ``backend``), which is already batched there.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, u: torch.Tensor, alph
             k_t_alpha: torch.Tensor, row: torch.Tensor, accel, steps: int, start: bool, tol: float,
             ridge: float) -> None:
     """``steps`` iterations of the tiled solver for the problems tiles [P, L, L] on host tensors, in
-    place (u, alpha, k_t_alpha, row [P, n] and ``accel``, a ``sinkhorn.Anderson``; ``start``: the first
+    place (u, alpha, k_t_alpha, row [P, n] and ``accel``, an ``anderson.Anderson``; ``start``: the first
     is the half-steps from alpha alone); problems whose marginal error falls below ``tol`` stop there."""
     n = u.shape[1]
     if accel.last is None:  # the kernel keeps Anderson's last iterate and residual in these
