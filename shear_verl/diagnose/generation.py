@@ -59,10 +59,11 @@ def use_vllm() -> bool:
 
 @torch.no_grad()
 def response_states(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
-    """Last-layer states (after the final norm) that predict each response token: row t is the
-    state at position len(prompt) + t - 1, as in training. [T, d]"""
+    """Last-layer states (the decoder's last_hidden_state, after the final norm: the LM head's
+    input) that predict each response token: row t is the state at position len(prompt) + t - 1,
+    as in training. The decoder alone runs, so no [L, vocab] logits are made. [T, d] float32"""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + response_ids], device=device)
-    hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]  # [L, d]
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [L, d]
     p = len(prompt_ids)
     return hidden[p - 1:p - 1 + len(response_ids)].float()

@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,11 @@ DEFAULT_REWARD = "reward_fns.math:compute_score"
 
 @dataclasses.dataclass
 class Settings:
+    """Defaults are the paper's where it gives them (G=8, k=16, w=100, s=25, temperature 1.0, 3k-token
+    rollouts, eps 0.05 relative); prefix_start / prefix_stride are this project's (the paper names a
+    sliding window but we found no values): the first full span, then every 2 s tokens. ``QUICK``
+    scales them to the tiny task's ~80-token responses (``--quick``)."""
+
     model: str
     data: str
     out: str
@@ -32,8 +37,8 @@ class Settings:
     continuations: int = 16  # k
     span_len: int = 100  # w
     span_stride: int = 25  # s: spans of the opposing rollouts
-    prefix_start: int = 100
-    prefix_stride: int = 50
+    prefix_start: int = 100  # ours: the first full span
+    prefix_stride: int = 50  # ours: 2 s
     temperature: float = 1.0
     max_new_tokens: int = 3072
     limit: int | None = None
@@ -41,10 +46,28 @@ class Settings:
     correct_threshold: float = 0.5
     answer_marker: str | None = "\\boxed"
     epsilon: float = 0.05
+    tol: float = 1e-4  # the tiny job's Sinkhorn tolerance; the engine's default is 1e-6
+    max_iter: int = 2000
     bins: int = 5
     seed: int = 0
     gpu_memory_utilization: float = 0.5
     matrix_spans: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("rollouts", "continuations", "span_len", "span_stride", "prefix_start", "prefix_stride",
+                     "max_new_tokens", "bins", "matrix_spans", "max_iter"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.rollouts < 2:
+            raise ValueError(f"--rollouts must be >= 2 (a group needs both outcomes), got {self.rollouts}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+# --quick: the tiny counting task (~80-token responses, CPU): the tiny job's spans (w=16, s=4), the
+# same prefix rule (start w, stride 2 s), 8 problems, the paper's G, k and temperature.
+QUICK = dict(span_len=16, span_stride=4, prefix_start=16, prefix_stride=8, max_new_tokens=96, limit=8,
+             matrix_spans=48)
 
 
 def load_reward(spec: str) -> Callable:
@@ -84,6 +107,22 @@ def answer_start(tokenizer, ids: list[int], marker: str | None) -> int | None:
     return max(lo - 1, 0)
 
 
+def continuation_successes(sample: Callable, grade: Callable, prompt_ids: list[int], response_ids: list[int],
+                           positions: Sequence[int], k: int, max_new_tokens: int,
+                           seed: Callable[[int], None] | None = None) -> list[float]:
+    """Continuation success of each prefix response_ids[:p]: the share of k sampled completions
+    (``sample(prompt_ids + prefix, k, budget)``, budget = max_new_tokens - p) that ``grade`` (the
+    full response ids -> bool) finds correct. ``seed(p)``, if given, is called before each prefix."""
+    out = []
+    for p in positions:
+        if seed is not None:
+            seed(p)
+        prefix = list(response_ids[:p])
+        conts = sample(list(prompt_ids) + prefix, k, max_new_tokens - p)
+        out.append(continuation_success([grade(prefix + list(c)) for c in conts]))
+    return out
+
+
 class Diagnostic:
     def __init__(self, s: Settings):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,12 +130,13 @@ class Diagnostic:
         self.s = s
         self.out = Path(s.out)
         (self.out / "problems").mkdir(parents=True, exist_ok=True)
-        self.cfg = ShearConfig(span_len=s.span_len, stride=s.span_stride, epsilon=s.epsilon)
+        self.cfg = ShearConfig(span_len=s.span_len, stride=s.span_stride, epsilon=s.epsilon, tol=s.tol,
+                               max_iter=s.max_iter)
+        self.grade_fn = load_reward(s.reward_fn)
         self.tok = AutoTokenizer.from_pretrained(s.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype).to(device).eval()
-        self.grade_fn = load_reward(s.reward_fn)
         self.gen = (VLLMGenerator(s.model, s.max_new_tokens, s.temperature, s.gpu_memory_utilization) if use_vllm()
                     else HFGenerator(self.model, self.tok, s.max_new_tokens, s.temperature))
 
@@ -109,13 +149,19 @@ class Diagnostic:
     def prompt_ids(self, row) -> list[int]:
         messages = [dict(m) for m in row["prompt"]]
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def problem(self, idx: int, row) -> dict:
-        """Stages cached in problems/<idx>.json: rollouts, then distances, then continuations per rollout."""
+        """Stages cached in problems/<idx>.json: rollouts, then distances (+ the span matrix), then
+        continuations rollout by rollout; a rerun picks up after the last saved stage."""
         path = self.out / "problems" / f"{idx}.json"
         rec = json.loads(path.read_text()) if path.exists() else {"index": idx}
-        save = lambda: path.write_text(json.dumps(rec))  # noqa: E731
+
+        def save() -> None:  # write then rename: an interrupted save leaves the last good record
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec))
+            tmp.replace(path)
+
         prompt = self.prompt_ids(row)
         if "rollouts" not in rec:
             torch.manual_seed(self.s.seed * 100003 + idx)
@@ -138,35 +184,34 @@ class Diagnostic:
                                                   self.s.prefix_stride, a)
                 opposing = [states[j] for j in range(len(states)) if flags[j] != flags[i] and states[j].shape[0]]
                 r["distance"] = prefix_span_distances(states[i], r["positions"], opposing, self.cfg, n_bar)
-            if "matrix" not in rec:
-                rec["matrix"] = self.group_matrix(states, flags, n_bar)
+            rec["matrix"] = self.group_matrix(states, flags, n_bar)
             rec["distances"] = True
             save()
             del states
         for i, r in enumerate(rec["rollouts"]):
             if "success" in r:
                 continue
-            succ = []
-            for p in r["positions"]:
-                torch.manual_seed(self.s.seed * 7919 + idx * 1009 + i * 101 + p)
-                conts = self.gen.sample(prompt + r["ids"][:p], self.s.continuations, self.s.max_new_tokens - p)
-                succ.append(continuation_success([self.grade(row, r["ids"][:p] + c) for c in conts]))
-            r["success"] = succ
+            base = self.s.seed * 7919 + idx * 1009 + i * 101
+            r["success"] = continuation_successes(
+                self.gen.sample, lambda ids: self.grade(row, ids), prompt, r["ids"], r["positions"],
+                self.s.continuations, self.s.max_new_tokens, seed=lambda p: torch.manual_seed(base + p))
             save()
         return rec
 
-    def group_matrix(self, states, flags, n_bar) -> dict:
-        """Every span of every rollout of the group (correct rollouts first), at most matrix_spans of them."""
+    def group_matrix(self, states, flags, n_bar) -> dict | None:
+        """Full spans (stride s) of every rollout of the group, correct rollouts first, at most
+        matrix_spans of them evenly picked, and their pairwise distances."""
         spans, labels = [], []
+        w = self.s.span_len
         for i in sorted(range(len(states)), key=lambda i: not flags[i]):
-            T = states[i].shape[0]
-            w = min(self.s.span_len, T)
-            for st in range(0, max(T - w, 0) + 1, self.s.span_stride):
+            for st in range(0, states[i].shape[0] - w + 1, self.s.span_stride):
                 spans.append(states[i][st:st + w])
                 labels.append({"rollout": i, "start": st, "correct": flags[i]})
+        if len(spans) < 2:
+            return None
         keep = np.linspace(0, len(spans) - 1, min(len(spans), self.s.matrix_spans)).round().astype(int).tolist()
-        m = pairwise_span_matrix([spans[k] for k in keep], self.cfg.epsilon * n_bar, n_bar)
-        return {"spans": [labels[k] for k in keep], "distance": m.tolist()}
+        m = pairwise_span_matrix([spans[k] for k in keep], self.cfg, n_bar)
+        return {"spans": [labels[k] for k in keep], "distance": m.cpu().tolist()}
 
     def run(self) -> dict:
         df = pd.read_parquet(self.s.data)
