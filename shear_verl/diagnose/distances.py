@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from shear_verl.core import ShearConfig, group_token_weights
-from shear_verl.core.sinkhorn import sinkhorn_transport_cost
+from shear_verl.core.ot import sinkhorn_transport_cost
 
 
 def mean_norm(states: Sequence[torch.Tensor]) -> float:

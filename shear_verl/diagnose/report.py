@@ -117,7 +117,8 @@ def write_report(result: dict, out: Path) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>SHEAR diagnostic</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}</style></head><body>"
             f"<h1>SHEAR diagnostic: {html.escape(str(result['settings']['model']))}</h1><ul id='reading'>{items}</ul>"
-            f"{imgs}</body></html>")
+            f"{imgs}<script>addEventListener('load', () => {{document.body.dataset.figures ="
+            " [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;});</script></body></html>")
     path = out / "report.html"
     path.write_text(page)
     return path

@@ -134,8 +134,9 @@ class Diagnostic:
                                max_iter=s.max_iter)
         self.grade_fn = load_reward(s.reward_fn)
         self.tok = AutoTokenizer.from_pretrained(s.model)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = accel if accel is not None else torch.device("cpu")
+        dtype = torch.float32 if accel is None else torch.bfloat16  # host matmuls in bf16 are slow
         self.model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype).to(device).eval()
         self.gen = (VLLMGenerator(s.model, s.max_new_tokens, s.temperature, s.gpu_memory_utilization) if use_vllm()
                     else HFGenerator(self.model, self.tok, s.max_new_tokens, s.temperature))
