@@ -48,3 +48,25 @@ def test_binned_auc_against_pair_count():
         pos, neg = s[m & c], s[m & ~c]
         brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg)])
         assert r["auc"] == pytest.approx(brute)
+
+
+def test_continuation_successes_against_planted_generator():
+    """A fake generator whose completions of prefix p are correct with a planted probability:
+    the estimates are within their binomial error, and each prefix gets k completions."""
+    from shear_verl.diagnose.run import continuation_successes
+
+    planted = {4: 0.9, 8: 0.5, 12: 0.1}
+    rng = np.random.default_rng(3)
+    prompt, response, calls = [7, 7], list(range(100, 116)), []
+
+    def sample(ids, k, budget):
+        p = len(ids) - len(prompt)
+        assert ids == prompt + response[:p] and budget == 40 - p
+        calls.append(k)
+        return [[1] if rng.random() < planted[p] else [0] for _ in range(k)]
+
+    k = 600
+    est = continuation_successes(sample, lambda ids: ids[-1] == 1, prompt, response, sorted(planted), k, 40)
+    assert calls == [k] * 3
+    for (p, truth), got in zip(sorted(planted.items()), est):
+        assert abs(got - truth) <= 4 * np.sqrt(truth * (1 - truth) / k), (p, got)
