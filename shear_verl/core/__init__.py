@@ -1,7 +1,7 @@
 """SHEAR weight engine: span-level Wasserstein token weights of a GRPO group (torch, no verl).
 
 Runs wherever its inputs live (CPU or CUDA); on the CPU the tiled Sinkhorn solver's loops are
-numba-compiled (``fused``). See SHEAR_SPEC.md for Algorithm 1 and the decisions
+numba-compiled (``fused``). See docs/method.md for Algorithm 1 and the decisions
 this project takes where the paper is silent.
 """
 

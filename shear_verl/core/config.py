@@ -1,4 +1,4 @@
-"""Configuration and counters of the SHEAR weight engine (SHEAR_SPEC.md sections 2 and 4)."""
+"""Configuration and counters of the SHEAR weight engine (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Spans (Algorithm 1 step 2) and span -> token pooling (line 13).
 
 Spans are windows of ``span_len`` tokens at starts 0, s, 2s, ... while the window fits, plus one
-final window ending at the last token when the regular ones stop short (SHEAR_SPEC.md section 4).
+final window ending at the last token when the regular ones stop short (docs/method.md, "Spans and the final span").
 Every windowed reduction below is a strided view (``Tensor.unfold``) plus, at most, that one
 final window, so no span is ever copied out of the token axis.
 """

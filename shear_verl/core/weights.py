@@ -1,6 +1,6 @@
 """SHEAR token weights of one GRPO group (Algorithm 1, lines 1-13) and their use (line 17).
 
-One function per step of Algorithm 1 (SHEAR_SPEC.md section 2):
+One function per step of Algorithm 1 (docs/method.md, "Algorithm 1"):
   1. opposing set        -> ``_Side`` (the correct and the incorrect rollouts face each other)
   2. spans               -> ``spans.span_starts``
   3. span distance       -> ``opposing_span_minima`` (min over all spans of all opposing rollouts)

@@ -1,4 +1,4 @@
-"""avg@k per benchmark, for a list of checkpoints, as the paper reports it (SHEAR_SPEC section 3).
+"""avg@k per benchmark, for a list of checkpoints, as the paper reports it (docs/method.md, "Paper settings").
 
 avg@k of a benchmark = mean over its problems of the fraction of k samples that are correct;
 a checkpoint's score = the unweighted mean of its benchmarks' avg@k; the reported number is the

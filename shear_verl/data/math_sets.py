@@ -1,4 +1,4 @@
-"""MATH train and the paper's math benchmarks as verl parquet (SHEAR_SPEC section 3).
+"""MATH train and the paper's math benchmarks as verl parquet (docs/method.md, "Paper settings").
 
 Layout written by `prepare_math` under `out_dir`:
   train.parquet           MATH train (7,500 problems less 2 with an empty reference answer)

@@ -6,7 +6,7 @@ not fire), remove-padding or not, Ulysses SP or not. The captured rows are then 
 like verl lays out `log_probs` (nested per sample over prompt+response, gathered across the SP
 group, static/SP padding stripped) and cut to response rows with verl's own
 `response_from_nested`, i.e. the state at the position that *predicts* each response token --
-the convention of `old_log_probs` (SHEAR_SPEC section 4).
+the convention of `old_log_probs` (docs/method.md, "Row convention").
 """
 
 from __future__ import annotations

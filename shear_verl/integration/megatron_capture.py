@@ -11,7 +11,7 @@ differ; the weights step is engine_hooks.infer_batch_with_weights, shared with F
   `postprocess_bshd_engine` with the exact packing arguments the model was called with (CP
   all-gather, zigzag order, padding strip), then `response_from_nested`: the rows are laid out
   exactly like verl's `log_probs`, so row t is the state that predicts response token t (the
-  `old_log_probs` convention, SHEAR_SPEC section 4).
+  `old_log_probs` convention, docs/method.md, "Row convention").
 * The rows travel in the micro-batch's output dict next to `log_probs`, so verl's own
   postprocess merges micro-batches and restores the dynamic-batch order for both alike.
 """

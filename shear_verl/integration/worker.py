@@ -1,7 +1,7 @@
 """Worker side: from captured response hidden states to per-token SHEAR weights, group by group.
 
 Runs on each data-parallel rank at the end of the old-log-prob pass, on the device that holds the
-hidden states, so only the weights (B x T floats) leave the worker (SHEAR_SPEC section 5).
+hidden states, so only the weights (B x T floats) leave the worker (docs/method.md, "Cost at paper scale").
 """
 
 from __future__ import annotations

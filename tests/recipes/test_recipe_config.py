@@ -38,7 +38,7 @@ def as_dict(overrides: list[str]) -> dict[str, str]:
     return dict(o.split("=", 1) for o in overrides)
 
 
-PAPER_SETTINGS = {  # SHEAR_SPEC.md section 3 / the paper's App. J
+PAPER_SETTINGS = {  # docs/method.md "Paper settings" / the paper's App. J
     "data.train_batch_size": "512",
     "actor_rollout_ref.actor.optim.lr": "1e-6",
     "actor_rollout_ref.actor.clip_ratio_low": "0.2",
@@ -68,7 +68,7 @@ def test_shear_math_dry_run_carries_the_paper_settings(run_cmd, repo):
     assert cmd["algorithm.adv_estimator"] == "shear"
     assert cmd["actor_rollout_ref.model.path"] == "Qwen/Qwen2.5-Math-7B"
     assert cmd["reward.custom_reward_function.path"] == str(repo / "reward_fns" / "math.py")
-    # the project's epsilon convention (SHEAR_SPEC section 4), not the paper's raw-units 4.5
+    # the project's epsilon convention (docs/method.md, "Epsilon units"), not the paper's raw-units 4.5
     assert (cmd["+algorithm.shear.epsilon_mode"], cmd["+algorithm.shear.epsilon"]) == ("relative", "0.05")
     code = as_dict(overrides_of(dry_run_argv(run_cmd, repo, "run_shear_code.sh")))
     assert {k: code.get(k) for k in PAPER_SETTINGS} == PAPER_SETTINGS

@@ -1,4 +1,4 @@
-"""Entropic optimal transport for SHEAR's span pairs (Chen et al. 2026, arXiv 2604.23318, Algorithm 1 line 7).
+"""Entropic optimal transport for SHEAR's span pairs (Chen et al. 2026, arXiv 2604.23318, Algorithm 1 line 4).
 
 One module per job: ``sinkhorn`` (the stabilised per-problem solver, over-relaxed), ``anderson``
 (the tiled solver's acceleration), ``tiling`` (kernel products of problems sharing cost blocks),

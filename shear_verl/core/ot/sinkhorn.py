@@ -1,5 +1,5 @@
 """Batched Sinkhorn distance <P_eps, C> between uniform measures (SHEAR's W_eps, docs/method.md
-section "Transport cost"; Chen et al. 2026, arXiv 2604.23318, Algorithm 1 line 7).
+section "Transport cost"; Chen et al. 2026, arXiv 2604.23318, Algorithm 1 line 4).
 
 Same iterations as POT's ``ot.bregman.sinkhorn_log`` (v-update, then u-update, stop when the L2
 error of the column marginal is below ``tol``), so the fixed point and the returned value
