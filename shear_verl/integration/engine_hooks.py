@@ -18,8 +18,9 @@ from shear_verl.integration.capture import (
     rows_per_sequence_rmpad,
 )
 from shear_verl.integration.fields import FLAG_KEY
+from shear_verl.integration.peer_split import Peers, keep_share, share_of, split_batch_weights
 from shear_verl.integration.settings import ShearSettings
-from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, compute_batch_weights, sequence_scores
+from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, sequence_scores
 
 
 def _flag(data):
@@ -61,14 +62,18 @@ def fsdp_prepare_model_outputs(engine, orig, output, output_args, micro_batch, *
         )
     else:
         per_sequence = rows_per_sequence_padded(hidden, cu_seqlens)
-    stash_response_rows(engine, model_output, per_sequence, micro_batch["response_mask"], hidden.device, flag)
+    stash_response_rows(engine, model_output, per_sequence, micro_batch, hidden.device, flag)
     return model_output
 
 
-def stash_response_rows(engine, model_output, per_sequence, response_mask, device, flag) -> None:
+def stash_response_rows(engine, model_output, per_sequence, micro_batch, device, flag) -> None:
     """Put a micro-batch's response rows (old_log_probs convention) under HIDDEN_KEY, next to its
-    log-probs, so verl's own merge / dynamic-bsz restore orders them; shared by every engine."""
-    rows = response_rows(per_sequence, response_mask)  # nested [b, resp_i, H]
+    log-probs, so verl's own merge / dynamic-bsz restore orders them; shared by every engine.
+    Inside infer_batch_with_weights only the rows of this peer's share are kept (others: length 0)."""
+    rows = response_rows(per_sequence, micro_batch["response_mask"])  # nested [b, resp_i, H]
+    share = getattr(engine, "_shear_share", None)
+    if share is not None:
+        rows = keep_share(rows, _uids(micro_batch), share)
     engine._shear_device = device
     settings = ShearSettings.from_json(flag)
     if settings.offload_to_cpu:
@@ -92,39 +97,61 @@ def check_capture_budget(held_bytes: int, settings: ShearSettings, where: str) -
         )
 
 
-def infer_batch_with_weights(engine, orig, data, *args, **kwargs):
+def _uids(data) -> list[str]:
+    uids = data["uid"]
+    return [str(u) for u in (uids.tolist() if hasattr(uids, "tolist") else list(uids))]
+
+
+def fsdp_peers(engine) -> Peers:
+    """The Ulysses SP group (verl's `ulysses_device_mesh["sp"]`): same batch, same gathered rows."""
+    mesh = getattr(engine, "ulysses_device_mesh", None)
+    if mesh is None or mesh["sp"].size() == 1:
+        return Peers(None, 0, 1, True, True)
+    return Peers(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), mesh["sp"].size(), True,
+                 engine.is_mp_src_rank_with_outputs())
+
+
+def infer_batch_with_weights(engine, orig, data, *args, peers: Peers | None = None, **kwargs):
     """verl's infer_batch; on the flagged pass, turn the captured rows into SHEAR weights.
 
-    Computed once per data-parallel rank: on the rank whose outputs verl collects
-    (`is_mp_src_rank_with_outputs`); the SP / TP peers drop their copy.
+    The data-parallel rank's groups are split among its `peers` (default: the FSDP Ulysses SP
+    group; see peer_split), each keeping only its share's rows; the rank verl collects from
+    (`is_mp_src_rank_with_outputs`) returns every row's weights.
     """
     flag = _flag(data)
     engine._shear_capture_bytes = 0  # this pass's captured rows, counted by stash_response_rows
-    output = orig(data, *args, **kwargs)
-    if flag is None or output is None:
+    if flag is None:
+        return orig(data, *args, **kwargs)
+    peers = peers if peers is not None else fsdp_peers(engine)
+    settings = ShearSettings.from_json(flag)
+    uids = _uids(data)
+    scores = sequence_scores(data["rm_scores"])
+    n_tokens = [int(m.sum()) for m in data["response_mask"].unbind()]
+    share = share_of(uids, n_tokens, (scores > settings.correct_threshold).tolist(), settings, peers)
+    engine._shear_share = share if peers.has_rows else None
+    try:
+        output = orig(data, *args, **kwargs)
+    finally:
+        engine._shear_share = None
+    if output is None:
         return output
     model_output = output.get("model_output", {})
     hidden = model_output.pop(HIDDEN_KEY, None)
-    if not engine.is_mp_src_rank_with_outputs():
+    if not peers.has_rows:
         return output
     if hidden is None:
         raise RuntimeError(
             f"SHEAR capture produced no hidden states in {type(engine).__name__}: the decoder hook did "
             "not run (unsupported model wrapper or engine path)"
         )
-    settings = ShearSettings.from_json(flag)
-    uids = data["uid"]
-    uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
-    weights, stats = compute_batch_weights(
-        hidden=list(hidden.unbind()),
-        response_mask=list(data["response_mask"].unbind()),
-        scores=sequence_scores(data["rm_scores"]),
-        uids=[str(u) for u in uids],
-        settings=settings,
-        device=getattr(engine, "_shear_device", None),
-        rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
-        capture_mb=engine._shear_capture_bytes / 2**20,
+    rows = list(hidden.unbind())
+    del hidden  # the rows go as soon as this peer's weights exist (split_batch_weights drops `rows`)
+    weights, stats = split_batch_weights(
+        rows, list(data["response_mask"].unbind()), scores, uids, settings, share, peers,
+        device=getattr(engine, "_shear_device", None), capture_mb=engine._shear_capture_bytes / 2**20,
+        release=rows.clear,
     )
-    model_output[WEIGHTS_KEY] = torch.nested.as_nested_tensor(weights, layout=torch.jagged)  # [b, resp_i]
-    model_output[STATS_KEY] = stats  # [b, S]
+    if peers.collects:
+        model_output[WEIGHTS_KEY] = torch.nested.as_nested_tensor(weights, layout=torch.jagged)  # [b, resp_i]
+        model_output[STATS_KEY] = stats  # [b, S]
     return output

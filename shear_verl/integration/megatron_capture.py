@@ -27,6 +27,7 @@ from torch import nn
 from shear_verl._patching import UnsupportedVerlError
 from shear_verl.integration import engine_hooks
 from shear_verl.integration.fields import FLAG_KEY
+from shear_verl.integration.peer_split import Peers
 
 # megatron-core versions the capture is written for: [0.16, 0.18). Tested with 0.16.1 (the newest
 # release that installs on Python 3.11; >= 0.17 declares Python >= 3.12).
@@ -186,16 +187,29 @@ def megatron_forward_step(engine, orig, batch_iter, model, logits_processor_func
         attention_mask=store["attention_mask"],
         cp_layout=engine._get_context_parallel_layout(_unwrapped(model)),
     )
-    if engine.is_mp_src_rank_with_outputs():  # the TP / CP peers only took part in the gathers
-        engine_hooks.stash_response_rows(engine, output, per_sequence, batch["response_mask"], hidden.device, flag)
+    # Outside infer_batch_with_weights' split (no share set) the TP / CP peers only take part in the gathers.
+    if engine.is_mp_src_rank_with_outputs() or getattr(engine, "_shear_share", None) is not None:
+        engine_hooks.stash_response_rows(engine, output, per_sequence, batch, hidden.device, flag)
     return output, postprocess
+
+
+def megatron_peers(engine) -> Peers:
+    """The TP x CP group (megatron's `get_tensor_and_context_parallel_group`): on the last pipeline
+    stage its ranks hold the same un-sharded rows after the SP / CP gathers; earlier stages hold none."""
+    from megatron.core import parallel_state as mpu
+
+    size = mpu.get_tensor_and_context_parallel_world_size()
+    return Peers(mpu.get_tensor_and_context_parallel_group() if size > 1 else None,
+                 mpu.get_tensor_and_context_parallel_rank(), size,
+                 mpu.is_pipeline_last_stage(ignore_virtual=True), engine.is_mp_src_rank_with_outputs())
 
 
 def megatron_infer_batch(engine, orig, data, *args, **kwargs):
     """verl's infer_batch + the shared weights step; refuses unsupported configs on the flagged pass."""
     from verl.utils import tensordict_utils as tu
 
-    if tu.get_non_tensor_data(data=data, key=FLAG_KEY, default=None) is not None:
-        check_engine_config(engine)
-    return engine_hooks.infer_batch_with_weights(engine, orig, data, *args, **kwargs)
+    if tu.get_non_tensor_data(data=data, key=FLAG_KEY, default=None) is None:
+        return orig(data, *args, **kwargs)
+    check_engine_config(engine)
+    return engine_hooks.infer_batch_with_weights(engine, orig, data, *args, peers=megatron_peers(engine), **kwargs)
 
