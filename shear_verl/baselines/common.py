@@ -1,4 +1,5 @@
-"""What the token-signal baselines share: their `algorithm.<name>.*` parser and verl's GRPO advantage."""
+"""What the token-signal baselines share: their `algorithm.<name>.*` parser, verl's GRPO advantage, and
+the entropy handed over by the driver."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shear_verl.integration import signals
+from shear_verl.integration.fields import ENTROPY_KEY
 from shear_verl.integration.settings import _plain
 
 
@@ -52,3 +55,15 @@ def missing_entropy_help(name: str) -> str:
             "algorithm.rollout_correction.bypass_mode is false (bypass skips that pass), trainer.use_v1=true, "
             "and that shear-verl's plugin loads in the trainer process (`python -c 'import verl, "
             "shear_verl.plugin as p; print(p.status())'`).")
+
+
+def entropy_step(name: str, cls: type, token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                 index: np.ndarray | None, config, epsilon: float):
+    """The entropy baselines' common start: the driver's hand-over (refused with a clear message when
+    verl wrote no entropy), the ``algorithm.<name>.*`` settings, verl's GRPO advantage [B, T] and the
+    old policy's entropy [B, T] on the advantage's device (in its own dtype)."""
+    found = signals.current(name, index, response_mask, missing_entropy_help(name), token_keys=(ENTROPY_KEY,))
+    settings = parse_section(config, name, cls)
+    grpo = grpo_advantages(token_level_rewards, response_mask, index, config, epsilon)  # [B, T]
+    entropy = found.payload[ENTROPY_KEY].to(device=grpo.device)  # [B, T]
+    return found, settings, grpo, entropy

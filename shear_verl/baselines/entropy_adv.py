@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shear_verl.baselines.common import grpo_advantages, missing_entropy_help, parse_section
+from shear_verl.baselines.common import entropy_step, missing_entropy_help, parse_section
 from shear_verl.integration import signals
 from shear_verl.integration.fields import ENTROPY_KEY
 
@@ -58,10 +58,9 @@ def compute_entropy_adv_advantage(token_level_rewards: torch.Tensor, response_ma
                                   index: np.ndarray | None = None, config=None, epsilon: float = 1e-6,
                                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's GRPO advantages, shaped by the old policy's entropy (the driver hands it over)."""
-    found = signals.current(NAME, index, response_mask, missing_entropy_help(NAME), token_keys=(ENTROPY_KEY,))
-    settings = parse_section(config, NAME, EntropyAdvSettings)
-    grpo = grpo_advantages(token_level_rewards, response_mask, index, config, epsilon)  # [B, T]
-    entropy = found.payload[ENTROPY_KEY].to(device=grpo.device, dtype=grpo.dtype)  # [B, T]
+    found, settings, grpo, entropy = entropy_step(NAME, EntropyAdvSettings, token_level_rewards, response_mask, index, config,
+                                                  epsilon)
+    entropy = entropy.to(grpo.dtype)  # [B, T]
     shaped = shape_advantages(grpo, entropy, response_mask, settings.alpha, settings.kappa)
     found.handoff["metrics"] = entropy_adv_metrics(grpo, entropy, response_mask, settings)
     return shaped, shaped

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shear_verl.baselines.common import grpo_advantages, missing_entropy_help, parse_section
+from shear_verl.baselines.common import entropy_step, missing_entropy_help, parse_section
 from shear_verl.integration import signals
 from shear_verl.integration.balance import PAD_UID_PREFIX
 from shear_verl.integration.fields import ENTROPY_KEY
@@ -76,10 +76,9 @@ def compute_top_entropy_advantage(token_level_rewards: torch.Tensor, response_ma
                                   index: np.ndarray | None = None, config=None, epsilon: float = 1e-6,
                                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's GRPO advantages on the top-rho entropy tokens of the step (rescaled), 0 on the others."""
-    found = signals.current(NAME, index, response_mask, missing_entropy_help(NAME), token_keys=(ENTROPY_KEY,))
-    settings = parse_section(config, NAME, TopEntropySettings)
-    grpo = grpo_advantages(token_level_rewards, response_mask, index, config, epsilon)  # [B, T]
-    entropy = found.payload[ENTROPY_KEY].to(device=grpo.device, dtype=torch.float32)  # [B, T]
+    found, settings, grpo, entropy = entropy_step(NAME, TopEntropySettings, token_level_rewards, response_mask, index, config,
+                                                  epsilon)
+    entropy = entropy.to(torch.float32)  # [B, T]
     real = torch.tensor([not str(u).startswith(PAD_UID_PREFIX) for u in index], device=grpo.device)  # [B]
     pool = response_mask.bool() & real[:, None]  # verl's padding rows never take part
     top = top_entropy_mask(entropy, pool, settings.rho)  # [B, T]

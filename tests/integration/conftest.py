@@ -40,3 +40,17 @@ def tiny_qwen2():
     )
     model = Qwen2ForCausalLM(cfg).eval()
     return model
+
+
+@pytest.fixture(scope="module")
+def tq_session():
+    """A local Ray and verl's transfer queue (what the V1 trainer's _compute_advantage reads), per module."""
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    yield tq
+    tq.close()
+    ray.shutdown()

@@ -20,18 +20,6 @@ from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import COL, STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
 
 
-@pytest.fixture(scope="module")
-def tq_session():
-    import ray
-    import transfer_queue as tq
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
-    yield tq
-    tq.close()
-    ray.shutdown()
-
-
 def make_trainer(**settings):
     from verl.trainer.ppo.v1 import trainer_sync
 

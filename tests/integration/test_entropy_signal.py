@@ -26,18 +26,6 @@ SCORES = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # two groups of 4, mixed
 TEMPERATURE = 0.7
 
 
-@pytest.fixture(scope="module")
-def tq_session():
-    import ray
-    import transfer_queue as tq
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
-    yield tq
-    tq.close()
-    ray.shutdown()
-
-
 @pytest.fixture()
 def engine(monkeypatch, gloo_world, tiny_qwen2):
     from types import SimpleNamespace
