@@ -24,8 +24,6 @@ recipe_init() {
 # hidden-state norm (SHEAR_SPEC section 4), which does not depend on the model's scale. For the
 # literal paper value: SHEAR_EPSILON_MODE=absolute SHEAR_EPSILON=4.5.
 # The remaining engine knobs are passed only when set, else the engine's defaults apply.
-# Both twins (SHEAR and GRPO) pass these keys; the grpo estimator never reads them, so the two
-# commands differ in algorithm.adv_estimator alone.
 shear_args() {
   SHEAR_ARGS=(
     "+algorithm.shear.span_len=${SHEAR_SPAN_LEN:-100}"
@@ -68,6 +66,19 @@ recipe_launch() {
   exec "$@"
 }
 
+# method_args: the active method's `algorithm.<name>.*` overrides, by ADV_ESTIMATOR. SHEAR's come
+# from the SHEAR_* environment (shear_args); every baseline (README, "Baselines") runs at its
+# paper's defaults, changed by hydra overrides on the command line (+algorithm.<name>.<key>=...).
+# Only the active method's keys are passed: the trainer refuses another method's non-default keys
+# at start-up, so a SHEAR_* knob left in the environment cannot break the GRPO twin.
+method_args() {
+  METHOD_ARGS=()
+  if [ "$ADV_ESTIMATOR" = shear ]; then
+    shear_args
+    METHOD_ARGS=("${SHEAR_ARGS[@]}")
+  fi
+}
+
 # engine_args: the actor-engine settings, by ENGINE (fsdp, the default, or megatron). Everything
 # else in recipe_main is engine-independent, so the two backends run the same experiment.
 engine_args() {
@@ -103,8 +114,9 @@ engine_args() {
 
 # recipe_main "$@": the paper's RL run (SHEAR_SPEC.md section 3, App. J) on verl's stock trainer.
 # The calling recipe sets TASK, MODEL_PATH, DATA_DIR, REWARD_FN, MAX_PROMPT_LENGTH and
-# ADV_ESTIMATOR; every other setting is an environment variable with the paper's value (or, for
-# throughput settings the paper does not give, a sensible one for 8 x 80 GB GPUs per node).
+# ADV_ESTIMATOR (the method: shear, grpo or a baseline); every other setting is an environment
+# variable with the paper's value (or, for throughput settings the paper does not give, a sensible
+# one for 8 x 80 GB GPUs per node).
 # Hydra overrides on the command line come last and win.
 recipe_main() {
   recipe_init "$@"
@@ -155,14 +167,14 @@ recipe_main() {
   RUN_STAMP="${RUN_STAMP:-$(date +%Y%m%d-%H%M%S)}"
   METRICS_FILE="${METRICS_FILE:-$OUTPUT_DIR/metrics-$RUN_STAMP.jsonl}"
   PYTHON="${PYTHON:-python3}"
-  shear_args
+  method_args
   engine_args
   # verl's file logger opens METRICS_FILE without creating its directory
   [ "$RECIPE_DRY_RUN" = 1 ] || mkdir -p "$(dirname "$METRICS_FILE")"
 
   recipe_launch "$PYTHON" -m verl.trainer.main_ppo \
     algorithm.adv_estimator="$ADV_ESTIMATOR" \
-    "${SHEAR_ARGS[@]}" \
+    "${METHOD_ARGS[@]}" \
     "${ENGINE_ARGS[@]}" \
     algorithm.use_kl_in_reward=False \
     algorithm.kl_ctrl.kl_coef="$KL_COEF" \
