@@ -24,10 +24,11 @@ from pathlib import Path
 import reward_fns.counting
 import reward_fns.tiny
 import shear_verl.cpu
+from shear_verl.baselines import BASELINES
 
 from .assets import TinyAssets, TinySpec, build_assets
 
-ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy")  # baselines: their paper defaults
+ADV_ESTIMATORS = ("grpo", "shear", *BASELINES)  # baselines: their paper defaults
 REWARD_FNS = {"parity": reward_fns.tiny.__file__, "counting": reward_fns.counting.__file__}
 
 
