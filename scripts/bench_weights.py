@@ -66,7 +66,9 @@ import torch
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights
 from shear_verl.core.ot import sinkhorn_transport_cost
 from shear_verl.core.spans import span_starts
-from shear_verl.core.weights import _Side, group_mean_norm, opposing_span_minima
+from shear_verl.core.span_distances import opposing_span_minima
+from shear_verl.core.spans import Side
+from shear_verl.core.weights import group_mean_norm
 
 
 def phased_group(lengths: list[int], correct: list[bool], d: int, seed: int, vocab: int = 4096,
@@ -125,7 +127,7 @@ def w1_floor(states: list[torch.Tensor], correct: list[bool], cfg: ShearConfig, 
              seed: int) -> tuple[float, float]:
     """Estimated share of span pairs no exact bound <= W1 can prune (see the module docstring), and its std."""
     xs = [h / group_mean_norm(states) for h in states]
-    good, bad = (_Side.build([i for i, c in enumerate(correct) if c == side], [h for h, c in zip(xs, correct) if c == side],
+    good, bad = (Side.build([i for i, c in enumerate(correct) if c == side], [h for h, c in zip(xs, correct) if c == side],
                              cfg) for side in (True, False))
     best_good, best_bad = opposing_span_minima(good, bad, cfg, cfg.epsilon, ShearStats())  # [S_good], [S_bad]
     rng = random.Random(seed)
