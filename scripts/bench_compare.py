@@ -7,7 +7,8 @@ Why: a refactoring must leave the weights, the number of solves and the speed un
 shared machine only runs interleaved in time are comparable. The commit's ``shear_verl`` is
 exported (``git archive``) to a temporary directory; each round runs the same groups (those of
 ``bench_weights.py``: G=8, 4/4 and 2/6, d in {256, 1024}, phased and i.i.d. states) in one
-subprocess per tree, the two trees alternating (before, after, after, before, ...). Prints, per
+subprocess per tree, the two trees alternating (before, after, after, before, ...), after one
+uncounted round that fills numba's caches. Prints, per
 group: the fastest time of each tree, their ratio, the max relative difference of the weights and
 both solve counts; and the load average before and after.
 """
@@ -53,7 +54,7 @@ def worker(groups: str, out: str, repeat: int) -> None:
 
     data = torch.load(groups, weights_only=True)
     cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
-    group_token_weights([h[:300] for h in data["states"][0][3:5]], [True, False], cfg)  # numba's compile or cache load
+    group_token_weights([h[:300] for h in data["states"][0][3:5]], [True, False], cfg)  # numba's cache load etc.
     results = []
     for states, correct in zip(data["states"], data["correct"]):
         seconds = float("inf")
@@ -70,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="main", help="the commit to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tree (alternating)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each group per round (the fastest counts)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each group per round (the fastest counts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", nargs=2, metavar=("GROUPS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,13 +92,14 @@ def main() -> None:
         trees = {"before": before_tree, "after": ROOT}
         runs: dict[str, list] = {"before": [], "after": []}
         load_start = os.getloadavg()
-        for r in range(args.rounds):
+        for r in range(-1, args.rounds):  # round -1 compiles numba's kernels into each tree's cache: not counted
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 out = Path(tmp) / f"{name}{r}.pt"
                 env = dict(os.environ, PYTHONPATH=str(trees[name]))
                 subprocess.run([sys.executable, __file__, "--worker", str(groups), str(out), "--repeat",
                                 str(args.repeat)], check=True, env=env, cwd=tmp)
-                runs[name].append(torch.load(out, weights_only=False))
+                if r >= 0:
+                    runs[name].append(torch.load(out, weights_only=False))
         load_end = os.getloadavg()
     print(f"before: {args.before} ({commit}), after: the working tree; {args.rounds} rounds alternating, "
           f"fastest of {args.rounds * args.repeat} runs per tree; torch {torch.__version__}, "
