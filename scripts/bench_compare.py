@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tree (alternating)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each group per round (the fastest counts)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="also print every run's seconds")
     parser.add_argument("--worker", nargs=2, metavar=("GROUPS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -116,6 +117,8 @@ def main() -> None:
         solves = f"{before['stats']['sinkhorn_solves']}/{after['stats']['sinkhorn_solves']}"
         print(f"{name:<20}{min(t['before']):>9.2f}{min(t['after']):>9.2f}{min(t['after']) / min(t['before']):>13.3f}"
               f"{100 * spread:>7.0f}%{diff:>10.1e}{solves:>14}", flush=True)
+        if args.verbose:
+            print("    " + "; ".join(f"{tree}: " + " ".join(f"{x:.2f}" for x in v) for tree, v in t.items()))
 
 
 if __name__ == "__main__":

@@ -45,13 +45,11 @@ _CDIST_COPIES = 1
 # make its block products too small to pay for their gathers (w=100, s=25 gives g=25).
 _MIN_TILE = 16
 # Lowest-bound pairs of every span solved first: their values are the thresholds the batch of all
-# other candidates starts from. On a trained LM's states 4 gave 2-3 points fewer solves and 3-9 %
-# less time than 1 (8 and 16: slower; synthetic states: no difference).
+# other candidates starts from (chosen on a trained LM's states: docs/benchmarks.md, "Tuning history").
 _SEEDS_PER_SPAN = 4
 # Least mean fraction of a block's (w/g)^2 tile positions in use for the tiled solver: below it, most
-# block products have a single row and the per-problem solver is faster. With Anderson acceleration
-# the tiled solver takes pruning's seeds too at 1/16: on a trained LM's groups 4-16 % faster than
-# 1/4 (which left them to the per-problem solver), 1/8 and 1/32 in between, 1/64 up to 35 % slower.
+# block products have a single row and the per-problem solver is faster; at 1/16 the tiled solver takes
+# pruning's seeds too (chosen on a trained LM's groups: docs/benchmarks.md, "Tuning history").
 _MIN_SHARING = 1 / 16
 
 
