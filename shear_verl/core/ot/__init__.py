@@ -1,7 +1,8 @@
 """Entropic optimal transport for SHEAR's span pairs (Chen et al. 2026, arXiv 2604.23318, Algorithm 1 line 4).
 
-One module per job: ``sinkhorn`` (the stabilised per-problem solver, over-relaxed), ``anderson``
-(the tiled solver's acceleration), ``tiling`` (kernel products of problems sharing cost blocks),
+One module per job: ``iteration`` (Sinkhorn's iteration, written once, kernel products passed in),
+``relaxation`` and ``anderson`` (its accelerations: the per-problem and the tiled solver's),
+``sinkhorn`` (the stabilised per-problem solver), ``tiling`` (kernel products of problems sharing cost blocks),
 ``bounds`` (lower bounds for exact pruning: mean, nearest-neighbour and W1 dual, ``RunningMinima``), ``tiled`` (the tiled solver),
 ``fused`` (its loops as numba kernels, host memory), ``backend`` (which of the two runs them).
 """

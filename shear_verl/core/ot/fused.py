@@ -7,11 +7,11 @@ check at once, its kernel written out (w x w, 40 KB at w = 100) in the core's ca
 the first iteration whose marginal error is below the tolerance instead of at the next check. No
 library provides this loop: POT's ``ot.batch`` runs batched torch operations like the torch backend, and torch.compile cannot fuse the
 per-problem loop with the solve of Anderson's small system. The iterations are the torch path's
-(``anderson.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
-the stopping test are unchanged; only the order of the floating-point sums differs. Measured on a
-trained LM's and synthetic span problems (w = 100, float32, 2 cores): ~0.8 us per problem and
-iteration against ~2.0 us for the torch path, and the whole engine 1.8-3.2x faster on the
-12 groups of ``scripts/bench_weights.py`` (synthetic and captured states).
+(``iteration.sinkhorn_iterations`` with ``anderson.AndersonSinkhorn``), in the problems' dtype, so
+the fixed point and the stopping test are unchanged; only the order of the floating-point sums
+differs. Why not that loop with numba's kernel products passed in: its per-step torch operations
+(Anderson's step, the exp and log) cost more than the products (``scripts/bench_iteration.py``,
+docs/benchmarks.md).
 
 GPU tensors take the torch backend (``tiled``, ``backend``), which is already batched there.
 """
