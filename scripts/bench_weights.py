@@ -223,7 +223,8 @@ def write_docs(table: list[str], device: torch.device) -> None:
     with this run's table, its command, machine, date and commit."""
     root = DOCS.parent.parent
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain") else "")
+    dirty = git("status", "--porcelain", "--", ".", ":!docs")  # changes to the pages are not the code measured
+    commit = git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     section = "\n".join([
         BEGIN,
