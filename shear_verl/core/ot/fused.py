@@ -7,11 +7,11 @@ check at once, its kernel written out (w x w, 40 KB at w = 100) in the core's ca
 the first iteration whose marginal error is below the tolerance instead of at the next check. No
 library provides this loop: POT's ``ot.batch`` runs batched torch operations like the torch backend, and torch.compile cannot fuse the
 per-problem loop with the solve of Anderson's small system. The iterations are the torch path's
-(``anderson.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
-the stopping test are unchanged; only the order of the floating-point sums differs. Measured on a
-trained LM's and synthetic span problems (w = 100, float32, 2 cores): ~0.8 us per problem and
-iteration against ~2.0 us for the torch path, and the whole engine 1.8-3.2x faster on the
-12 groups of ``scripts/bench_weights.py`` (synthetic and captured states).
+(``iteration.sinkhorn_iterations`` with ``anderson.AndersonSinkhorn``), in the problems' dtype, so
+the fixed point and the stopping test are unchanged; only the order of the floating-point sums
+differs. Why not that loop with numba's kernel products passed in: its per-step torch operations
+(Anderson's step, the exp and log) cost more than the products (``scripts/bench_iteration.py``,
+docs/benchmarks.md).
 
 GPU tensors take the torch backend (``tiled``, ``backend``), which is already batched there.
 """
@@ -170,7 +170,7 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
 
     kernel [NB, g, g] block kernels, tiles [P, L, L] block ids; u, alpha, k_t_alpha, row [P, n] the
     state after an iteration; Anderson's last_u, last_r [P, n], d_r, d_ur [P, m, n], gram [P, m, m],
-    plain [P] (``sinkhorn.Anderson``, whose step counter is ``first_step``)."""
+    plain [P] (``anderson.Anderson``, whose step counter is ``first_step``)."""
     P, L, _ = tiles.shape
     g = kernel.shape[1]
     n = L * g
@@ -248,12 +248,13 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
             _steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
 
 
-def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor,
-            k_t_alpha: torch.Tensor, row: torch.Tensor, accel, steps: int, start: bool, tol: float,
-            ridge: float) -> None:
+def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor, k_t_alpha: torch.Tensor,
+            row: torch.Tensor, accel, steps: int, start: bool, tol: float, ridge: float) -> None:
     """``steps`` iterations of the tiled solver for the problems tiles [P, L, L] on host tensors, in
-    place (u, alpha, k_t_alpha, row [P, n] and ``accel``, an ``anderson.Anderson``; ``start``: the first
-    is the half-steps from alpha alone); problems whose marginal error falls below ``tol`` stop there."""
+    place (alpha, k_t_alpha, row [P, n] and ``accel``, an ``anderson.AndersonSinkhorn`` holding u;
+    ``start``: the first is the half-steps from alpha alone); problems whose marginal error falls below
+    ``tol`` stop there."""
+    u = accel.u
     n = u.shape[1]
     if accel.last is None:  # the kernel keeps Anderson's last iterate and residual in these
         accel.last = (torch.empty_like(u), torch.empty_like(u))
