@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from shear_verl.integration import align_hooks
+from shear_verl.integration.align_hooks import ENGINE_ATTR
 from shear_verl.integration.capture import (
     HIDDEN_KEY,
     capture_last_hidden,
@@ -30,7 +32,11 @@ def _flag(data):
 
 
 def fsdp_forward_step(engine, orig, micro_batch, loss_function, forward_only):
-    """verl's forward_step, with a hook on the decoder while the capture flag is set."""
+    """verl's forward_step, with a hook on the decoder while the capture flag is set (or, in the
+    update pass, while Hidden-Align is on: align_hooks)."""
+    align = getattr(engine, ENGINE_ATTR, None)
+    if align is not None and not forward_only and loss_function is not None:
+        return align_hooks.forward_step(engine, orig, align, micro_batch, loss_function)
     if _flag(micro_batch) is None:
         return orig(micro_batch, loss_function, forward_only)
     store: list[torch.Tensor] = []
@@ -43,10 +49,14 @@ def fsdp_forward_step(engine, orig, micro_batch, loss_function, forward_only):
 
 
 def fsdp_prepare_model_outputs(engine, orig, output, output_args, micro_batch, *args, **kwargs):
-    """verl's prepare_model_outputs, plus the captured response rows under HIDDEN_KEY."""
+    """verl's prepare_model_outputs, plus the captured response rows under HIDDEN_KEY (or Hidden-Align's
+    packed rows, on the engine)."""
     from verl.utils import tensordict_utils as tu
 
     model_output = orig(output, output_args, micro_batch, *args, **kwargs)
+    if getattr(engine, "_shear_align_store", None) is not None:
+        align_hooks.stash_packed(engine, output_args, micro_batch)
+        return model_output
     store = getattr(engine, "_shear_store", None)
     flag = _flag(micro_batch)
     if store is None or flag is None:

@@ -12,7 +12,7 @@ from shear_verl.tiny import TinyConfig, run_tiny
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", params=["entropy_adv", "top_entropy"])
+@pytest.fixture(scope="module", params=["entropy_adv", "top_entropy", "hapo"])
 def run(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(request.param)
     config = TinyConfig(prompts_per_step=4, group_size=4)
@@ -32,6 +32,8 @@ def test_stock_cli_runs_the_baseline_and_logs_its_metrics(run):
         assert m[key] == pytest.approx(m["actor/entropy"], rel=1e-4)
         if name == "entropy_adv":
             assert 0.0 <= m["entropy_adv/clip_frac"] <= 1.0 and m["entropy_adv/bonus_to_adv"] <= 0.5 + 1e-6
+        elif name == "hapo":  # the reallocation keeps each response's advantage mass and every sign
+            assert m["hapo/mass_rel_error"] < 1e-4 and m["hapo/weight_min"] >= 0.0
         else:
             n_tokens = m["response_length/mean"] * 16  # 4 prompts x 4 rollouts
             assert 0.2 <= m["top_entropy/selected_frac"] <= 0.2 + 1.0 / n_tokens + 1e-6
