@@ -77,11 +77,16 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 
 
 def _answer_logits(model, ids: torch.Tensor, first: int) -> torch.Tensor:
-    """Logits of positions first..L-1 of the sequence ids [L], float32. [L - first, V]"""
+    """Logits of positions first..L-1 of the sequence ids [L], at least float32. [L - first, V]"""
     keep = ids.shape[0] - first
     pos = torch.arange(ids.shape[0], device=ids.device)[None]
     out = model(input_ids=ids[None], position_ids=pos, use_cache=False, **_logits_kwargs(model, keep))
-    return out.logits[0, -keep:].float()
+    return _at_least_fp32(out.logits[0, -keep:])
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 logits and gradients in float32 (the authors' `.float()`); float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _objective(logits: torch.Tensor, teacher: torch.Tensor, answer_ids: torch.Tensor, target: str) -> torch.Tensor:
@@ -137,8 +142,8 @@ def input_gradient_saliency(model: nn.Module, ids: torch.Tensor, start: int, ans
             (grad,) = torch.autograd.grad(objective, store[0])  # [1, L, H]
     finally:
         handle.remove()
-    e = store[0][0, start:answer_start].float()  # [R, H] clean embeddings
-    return (grad[0, start:answer_start].float() * e).sum(dim=-1).abs()  # [R]
+    e = _at_least_fp32(store[0][0, start:answer_start].detach())  # [R, H] clean embeddings
+    return (_at_least_fp32(grad[0, start:answer_start]) * e).sum(dim=-1).abs().float()  # [R]
 
 
 def batch_saliency(model: nn.Module, input_ids: Sequence[torch.Tensor], response_mask: Sequence[torch.Tensor],
