@@ -27,7 +27,7 @@ import shear_verl.cpu
 
 from .assets import TinyAssets, TinySpec, build_assets
 
-ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy")  # baselines: their paper defaults
+ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy", "oar_g")  # baselines: their paper defaults
 REWARD_FNS = {"parity": reward_fns.tiny.__file__, "counting": reward_fns.counting.__file__}
 
 
@@ -168,6 +168,9 @@ def tiny_overrides(
                 f"+algorithm.shear.dump_groups={config.dump_groups}",
                 f"+algorithm.shear.dump_dir={workdir / 'credit'}",
             ]
+    if adv == "oar_g":
+        # the parity task's responses carry no answer marker: the last 4 response tokens are the answer
+        overrides += ["+algorithm.oar_g.no_marker=tail", "+algorithm.oar_g.tail_tokens=4"]
     return overrides
 
 
