@@ -212,7 +212,8 @@ def infer_batch_with_saliency(engine, orig, data, *args, **kwargs):
         raise RuntimeError("algorithm.adv_estimator=oar_g does not support Ulysses sequence parallelism: set "
                            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
     if tu.get_non_tensor_data(data=data, key="use_fused_kernels", default=False):
-        raise RuntimeError("algorithm.adv_estimator=oar_g needs the logits: set actor_rollout_ref.model.use_fused_kernels=false")
+        raise RuntimeError("algorithm.adv_estimator=oar_g needs the logits: set "
+                           "actor_rollout_ref.model.use_fused_kernels=false")
     settings = OarGSettings.from_json(flag)
     input_ids, response_mask = list(data["input_ids"].unbind()), list(data["response_mask"].unbind())
     output = orig(data, *args, **kwargs)

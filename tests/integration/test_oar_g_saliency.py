@@ -1,7 +1,7 @@
 """OAR-G's worker-side saliency: against central finite differences of the paper's objective on a
-tiny float64 GPT-2 (written here from the equations, calling the model with `inputs_embeds`); under
-FSDP2 (`fully_shard`, gloo, CPU) equal to the plain model's with no parameter gradient formed; and
-through verl's real FSDP LM-head engine `infer_batch` (as test_entropy_signal.py builds it), rows in
+tiny float64 GPT-2 (written here from the equations, calling the model with `inputs_embeds`);
+under FSDP1 and FSDP2 (gloo, CPU, world size 1) equal to the plain model's, no parameter gradient
+formed; and through verl's real FSDP LM-head engine `infer_batch` (as test_entropy_signal.py builds it), rows in
 the batch's order and response coordinates."""
 
 import copy
@@ -78,19 +78,33 @@ def test_saliency_equals_finite_differences(model64, target, noise_std):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7 * float(ref.max()))
 
 
-def test_under_fsdp2_no_parameter_gradient(model64, gloo_world):
+def fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
+                                    device_id=torch.device("cpu"))
+
+
+def fsdp2(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.transformer.h:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+@pytest.mark.parametrize("wrap", [fsdp1, fsdp2])
+def test_under_fsdp_no_parameter_gradient(model64, gloo_world, wrap):
     ids = torch.randint(0, 53, (END,), generator=torch.Generator().manual_seed(3))
     ref = input_gradient_saliency(model64, ids, PROMPT, ANSWER_START, END, "answer_joint")
-    sharded = copy.deepcopy(model64)
-    mesh = init_device_mesh("cpu", (1,))
-    for layer in sharded.transformer.h:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
-    got = input_gradient_saliency(sharded, ids, PROMPT, ANSWER_START, END, "answer_joint")
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+    sharded = wrap(copy.deepcopy(model64))
+    for _ in range(2):  # FSDP's state is back to normal after the input-gradient pass
+        got = input_gradient_saliency(sharded, ids, PROMPT, ANSWER_START, END, "answer_joint")
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
     assert all(p.grad is None for p in sharded.parameters())
 
 
