@@ -151,52 +151,53 @@ def batch_saliency(model: nn.Module, input_ids: Sequence[torch.Tensor], response
     """Per row (prompt + response ids [L_i], response mask [R_i]): saliency and reasoning mask [R_i]
     (float32, response coordinates), and stats [b, 3] (span found, marker found, seconds).
 
-    Every rank of ``group`` (torch.distributed) makes the same number of model calls.
+    Every rank of ``group`` (torch.distributed) makes the same number of model calls: the spans are
+    found first, the ranks agree on the most calls (before any FSDP collective), the lighter ones pad.
     """
     device = next(model.parameters()).device
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,  # noqa: E731
                                           clean_up_tokenization_spaces=False)
     special = list(getattr(tokenizer, "all_special_ids", []) or [])
-    gen = torch.Generator(device=device).manual_seed(seed)
-    saliency, reasoning = [], []
     stats = torch.zeros(len(input_ids), 3, dtype=torch.float32)
-    calls = 0
+    spans = []
     for row, (ids, mask) in enumerate(zip(input_ids, response_mask)):
-        t0 = time.perf_counter()
-        n_resp = mask.shape[0]
-        prompt = ids.shape[0] - n_resp
-        sal = torch.zeros(n_resp, dtype=torch.float32)
-        keep = torch.zeros(n_resp, dtype=torch.float32)
+        prompt = ids.shape[0] - mask.shape[0]
         start, end, found = answer_span(ids[prompt:].tolist(), decode, settings.answer_marker, special,
                                         settings.no_marker, settings.tail_tokens)
         stats[row, 1] = float(found)
+        spans.append((prompt, start, end))
+    most = _most_calls(sum(start is not None for _, start, _ in spans), group, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    saliency, reasoning = [], []
+    for row, ((prompt, start, end), ids, mask) in enumerate(zip(spans, input_ids, response_mask)):
+        t0 = time.perf_counter()
+        sal = torch.zeros(mask.shape[0], dtype=torch.float32)
+        keep = torch.zeros(mask.shape[0], dtype=torch.float32)
         if start is not None:
-            seq = ids.to(device)
             noise = None
             if settings.noise_std > 0:
                 h = input_embeddings(model).embedding_dim
                 noise = torch.randn(start, h, generator=gen, device=device) * settings.noise_std  # [R, H]
-            sal[:start] = input_gradient_saliency(model, seq, prompt, prompt + start, prompt + end,
+            sal[:start] = input_gradient_saliency(model, ids.to(device), prompt, prompt + start, prompt + end,
                                                   settings.target, noise).cpu()
             keep[:start] = mask[:start].float().cpu()
             stats[row, 0] = 1.0
-            calls += 1
         saliency.append(sal * keep)
         reasoning.append(keep)
         stats[row, 2] = time.perf_counter() - t0
-    _pad_calls(model, calls, group, device, settings.target)
+    dummy = torch.zeros(3, dtype=torch.long, device=device)
+    for _ in range(most - int(stats[:, 0].sum())):  # 3 tokens: reasoning [0, 1), answer [1, 3)
+        input_gradient_saliency(model, dummy, 0, 1, 3, settings.target, None)
     return saliency, reasoning, stats
 
 
-def _pad_calls(model, calls: int, group, device, target: str) -> None:
-    """Dummy saliency calls until this rank has made as many as the busiest rank of ``group``."""
+def _most_calls(calls: int, group, device) -> int:
+    """The most saliency calls any rank of ``group`` makes this pass (``calls`` without a group)."""
     if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
-        return
+        return calls
     most = torch.tensor([calls], device=device)
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=group)
-    dummy = torch.zeros(3, dtype=torch.long, device=device)
-    for _ in range(int(most.item()) - calls):
-        input_gradient_saliency(model, dummy, 0, 1, 3, target, None)
+    return int(most.item())
 
 
 def infer_batch_with_saliency(engine, orig, data, *args, **kwargs):
