@@ -28,6 +28,12 @@ paper's hyper-parameter table before a comparison is reported. Open choices made
 (README, Baselines): the answer distribution (`target`), where the answer starts in a verl
 rollout (`answer_marker`, `no_marker`), `sum_to_len`. With the noise, the saliency is random:
 at sigma = 0 the KL targets have an exactly zero gradient (their minimum), so they are refused.
+
+Engines: FSDP (1 and 2) only. Megatron is refused at start-up (actor strategy) and in its engine:
+SHEAR's Megatron hooks (megatron_capture.py) capture the final norm's output, while OAR-G needs
+the embedding output as a leaf and a backward through every pipeline stage -- not written, so
+nothing of it is tested. Ulysses SP and fused kernels (no logits) are refused too. Cost: two
+forwards and one backward per rollout, one sequence per call (docs: not measured at scale).
 """
 
 from __future__ import annotations
