@@ -19,7 +19,7 @@ from shear_verl.integration.capture import (
     rows_per_sequence_padded,
     rows_per_sequence_rmpad,
 )
-from shear_verl.integration.fields import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY, OAR_FLAG
 from shear_verl.integration.peer_split import Peers, keep_share, share_of, split_batch_weights
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, sequence_scores
@@ -119,6 +119,17 @@ def fsdp_peers(engine) -> Peers:
         return Peers(None, 0, 1, True, True)
     return Peers(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), mesh["sp"].size(), True,
                  engine.is_mp_src_rank_with_outputs())
+
+
+def fsdp_infer_batch(engine, orig, data, *args, **kwargs):
+    """verl's infer_batch on the FSDP engine: the OAR-G saliency pass (saliency.py) or SHEAR's weights."""
+    from verl.utils import tensordict_utils as tu
+
+    from shear_verl.integration.saliency import infer_batch_with_saliency
+
+    if tu.get_non_tensor_data(data=data, key=OAR_FLAG, default=None) is not None:
+        return infer_batch_with_saliency(engine, orig, data, *args, **kwargs)
+    return infer_batch_with_weights(engine, orig, data, *args, **kwargs)
 
 
 def infer_batch_with_weights(engine, orig, data, *args, peers: Peers | None = None, **kwargs):

@@ -35,6 +35,7 @@ class TokenSignal:
         advantage step (default: the fetched fields by name).
     finish: ``(trainer, settings, out, payload, handoff, uids, metrics) -> None``, after it.
     missing_help: the error when the fields are absent (why, and what to check).
+    check: ``config -> None``, start-up refusals of set-ups the signal cannot run in (full config).
     """
 
     name: str
@@ -45,6 +46,7 @@ class TokenSignal:
     prepare: Callable | None = None
     finish: Callable | None = None
     missing_help: str = ""
+    check: Callable[[Any], None] | None = None
 
 
 SIGNALS: dict[str, TokenSignal] = {}

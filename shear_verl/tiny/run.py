@@ -169,6 +169,9 @@ def tiny_overrides(
                 f"+algorithm.shear.dump_groups={config.dump_groups}",
                 f"+algorithm.shear.dump_dir={workdir / 'credit'}",
             ]
+    if adv == "oar_g":
+        # the parity task's responses carry no answer marker: the last 4 response tokens are the answer
+        overrides += ["+algorithm.oar_g.no_marker=tail", "+algorithm.oar_g.tail_tokens=4"]
     return overrides
 
 
