@@ -71,11 +71,15 @@ recipe_launch() {
 # paper's defaults, changed by hydra overrides on the command line (+algorithm.<name>.<key>=...).
 # Only the active method's keys are passed: the trainer refuses another method's non-default keys
 # at start-up, so a SHEAR_* knob left in the environment cannot break the GRPO twin.
+# HIDDEN_ALIGN_COEF (unset: off) adds Hidden-Align's auxiliary loss to any method.
 method_args() {
   METHOD_ARGS=()
   if [ "$ADV_ESTIMATOR" = shear ]; then
     shear_args
     METHOD_ARGS=("${SHEAR_ARGS[@]}")
+  fi
+  if [ -n "${HIDDEN_ALIGN_COEF:-}" ]; then
+    METHOD_ARGS+=("+actor_rollout_ref.actor.hidden_align.coef=${HIDDEN_ALIGN_COEF}")
   fi
 }
 

@@ -97,6 +97,7 @@ def test_grpo_twin_differs_in_the_method_alone(run_cmd, repo, task):
 @pytest.mark.parametrize("task", ["math", "code"])
 def test_adv_knob_runs_every_baseline_through_the_same_recipe(run_cmd, repo, task):
     from shear_verl.baselines import BASELINES, register_baselines
+    from shear_verl.baselines.hidden_align import check_config as check_hidden_align
     from shear_verl.integration.driver import validate_config
 
     register_baselines()  # what the plugin does in every verl process
@@ -111,6 +112,13 @@ def test_adv_knob_runs_every_baseline_through_the_same_recipe(run_cmd, repo, tas
         validate_config(config)  # our start-up checks (registered name, no other method's keys) pass
     named = as_dict(overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV=BASELINES[0])))
     assert named["trainer.experiment_name"].endswith(f"-{task}-{BASELINES[0]}-seed42")
+    # Hidden-Align is a loss on top of any method: one environment knob, accepted by verl's validation
+    aligned = overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV="grpo", HIDDEN_ALIGN_COEF="0.1",
+                                        **fixed))
+    assert as_dict(aligned)["+actor_rollout_ref.actor.hidden_align.coef"] == "0.1"
+    config = compose_verl_config(aligned)
+    validate_config(config)
+    assert check_hidden_align(config).coef == 0.1  # what the plugin runs before verl's own validate_config
 
 
 def test_environment_knobs_and_passed_through_overrides(run_cmd, repo):
