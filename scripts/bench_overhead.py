@@ -124,7 +124,13 @@ def epsilon_sweep(groups, cfg, device, repeat: int) -> None:
           f"{rel['solves']:>7} {rel['capped']:>7}", flush=True)
     for n_bar in (45.0, 90.0, 180.0, 360.0):
         scaled = [([x * (n_bar / group_mean_norm(h)) for x in h], c) for h, c in groups]
-        r = time_groups(scaled, dataclasses.replace(cfg, epsilon=4.5, epsilon_mode="absolute"), device, repeat)
+        try:
+            r = time_groups(scaled, dataclasses.replace(cfg, epsilon=4.5, epsilon_mode="absolute"), device, repeat)
+        except Exception as err:  # a bench reports the engine's failure as a row, the sweep goes on
+            cause = err.__cause__ or err
+            print(f"{'absolute 4.5':<22} {n_bar:>6.0f} {4.5 / n_bar:>9.4f} | engine failed: {type(cause).__name__} "
+                  f"({type(err).__name__})", flush=True)
+            continue
         print(f"{'absolute 4.5':<22} {n_bar:>6.0f} {4.5 / n_bar:>9.4f} | {r['seconds']:>9.2f} "
               f"{r['seconds'] / rel['seconds']:>6.2f} {r['solves']:>7} {r['capped']:>7}", flush=True)
 
