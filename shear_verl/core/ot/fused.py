@@ -28,7 +28,10 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 # Reassociation (vectorised sums) and fused multiply-adds, but not fastmath's "no NaN / no inf":
-# a problem whose scalings overflow must reach the check with its NaN or inf intact.
+# a problem whose scalings overflow must reach the check with its NaN or inf intact. For the same
+# reason the kernels use numba's numpy error model: with the default (Python's), a kernel sum that
+# underflows to 0 at a small epsilon raised ZeroDivisionError in `b / K^T alpha` instead of giving
+# the inf that hands the problem to the float64 / per-problem path.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
@@ -116,7 +119,7 @@ def _match_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered through ``advance``)
     """Solve one small system (Anderson's m x m, regularised) by Gaussian elimination with partial
     pivoting; rhs [m] becomes the solution. torch.linalg.solve_ex solves the batch in the torch path."""
@@ -142,7 +145,7 @@ def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered throug
         rhs[k] = total / system[k, k]
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: no cover - compiled
     """Sinkhorn's half-steps of one problem from its row scaling alpha [n]: K^T alpha (row by row, as
     contiguous axpys), beta = b / K^T alpha (b = a) and the row marginal alpha * K beta, in place."""
@@ -160,7 +163,7 @@ def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: n
         row[i] = alpha[i] * total
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur, gram, plain,
              steps, start, first_step, a, log_a, tol, ridge, tiny, huge, exp_low, exp_high):  # pragma: no cover
     """Up to ``steps`` iterations of every problem p (numba prange), in place: Anderson's step on
@@ -268,7 +271,7 @@ def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor, 
     accel.steps += steps - start
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _c_transform(costs, tiles, f, of_columns, out):  # pragma: no cover - compiled
     """out = f^c per problem p (numba prange): from f [P, L, g] on the rows, out(y) = min_x C(x, y) - f(x)
     on the columns; ``of_columns``: from f on the columns, out(x) = min_y C(x, y) - f(y) on the rows.
@@ -300,7 +303,7 @@ def c_transform(costs: torch.Tensor, tiles: torch.Tensor, f: torch.Tensor, of_co
     return out
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _transport_costs(weighted, tiles, alpha, beta, out):  # pragma: no cover - compiled
     """out[p] = <P, C> = sum_ij alpha_i K_ij C_ij beta_j of every problem p (numba prange): weighted
     [NB, g, g] the blocks of K * C, tiles [P, L, L] block ids, alpha and beta [P, n] its scalings."""
