@@ -20,8 +20,8 @@ from torch import nn
 from shear_verl.integration.fields import HIDDEN_KEY  # noqa: F401 - re-exported
 
 
-def find_decoder(module: nn.Module) -> nn.Module:
-    """The decoder base model whose output is the LM-head input, through FSDP1 / PEFT wrappers."""
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The HF model inside FSDP1 / PEFT wrappers (FSDP2 wraps in place: returned as is)."""
     m = module
     for _ in range(4):  # FSDP1 -> PEFT -> LoRA model -> HF model, at most
         if hasattr(m, "_fsdp_wrapped_module"):
@@ -30,6 +30,12 @@ def find_decoder(module: nn.Module) -> nn.Module:
             m = m.get_base_model()
         else:
             break
+    return m
+
+
+def find_decoder(module: nn.Module) -> nn.Module:
+    """The decoder base model whose output is the LM-head input, through FSDP1 / PEFT wrappers."""
+    m = unwrap_model(module)
     if hasattr(m, "get_decoder") and callable(m.get_decoder):
         decoder = m.get_decoder()
         if isinstance(decoder, nn.Module) and decoder is not m:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shear_verl.integration.capture import unwrap_model
 from shear_verl.integration.fields import OAR_FLAG, OAR_REASONING_KEY, OAR_SALIENCY_KEY, OAR_STATS_KEY
 
 KL_EPS = 1e-12  # the authors' eps in log(P_0 + eps)
@@ -65,15 +66,7 @@ def _logits_kwargs(model: nn.Module, keep: int) -> dict:
 
 def input_embeddings(model: nn.Module) -> nn.Module:
     """The token-embedding module, through FSDP1 / PEFT wrappers (called through the root forward)."""
-    m = model
-    for _ in range(4):
-        if hasattr(m, "_fsdp_wrapped_module"):
-            m = m._fsdp_wrapped_module
-        elif hasattr(m, "get_base_model") and callable(m.get_base_model):
-            m = m.get_base_model()
-        else:
-            break
-    return m.get_input_embeddings()
+    return unwrap_model(model).get_input_embeddings()
 
 
 def _answer_logits(model, ids: torch.Tensor, first: int) -> torch.Tensor:
