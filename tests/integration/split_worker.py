@@ -61,6 +61,7 @@ def main(out_path: str) -> None:
             res["single_weights"], res["single_stats"] = compute_batch_weights(rows, masks, scores, uids, settings)
         results.append(res)
     torch.save(results, out_path)
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 
