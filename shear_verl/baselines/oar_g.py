@@ -22,9 +22,10 @@ session: the steps above are the authors' public code (Valsure/Outcome-Grounded-
 Reshaping, OAR-main.py @ 8dbc478: `calculate_token_importance_gradient`,
 `calculate_oar_hybrid_weights`), which is incomplete (no trainer, no data pipeline, no argument
 defaults for the quantile and the boost). Its defaults that ARE in the code: target
-`answer_mean`, sigma = 1e-3, KL eps 1e-12, floor 0.1, the 1e-8 guards. `tau` = 0.5 and `beta`
-= 1.0 are NOT the paper's (not found): choices of this package, to be checked against the
-paper's hyper-parameter table before a comparison is reported. Open choices made configurable
+`answer_mean`, sigma = 1e-3, KL eps 1e-12, floor 0.1, the 1e-8 guards. `tau` = 0.25 and `beta`
+= 1.0 are the defaults the authors' lab README documents for this code (kkangliu/XINGYUN_LAB,
+OAR/README.md @ f19fd22: "threshold ... (default: 0.25)", "beta ... (default: 1.0)"); the paper's
+own hyper-parameter table could not be read, so they are unchecked against it. Open choices made configurable
 (README, Baselines): the answer distribution (`target`), where the answer starts in a verl
 rollout (`answer_marker`, `no_marker`), `sum_to_len`. With the noise, the saliency is random:
 at sigma = 0 the KL targets have an exactly zero gradient (their minimum), so they are refused.
@@ -57,7 +58,7 @@ NO_MARKER = ("uniform", "tail")
 class OarGSettings:
     """`algorithm.oar_g.*` (sources: module docstring)."""
 
-    tau: float = 0.5  # quantile of the normalised saliency that splits suppression from boosting (code: threshold)
+    tau: float = 0.25  # quantile of the normalised saliency that splits suppression from boosting (code: threshold)
     beta: float = 1.0  # boost of the top token over 1 (code: beta)
     floor: float = 0.1  # lowest weight of a suppressed token (code: 0.1)
     sum_to_len: bool = True  # rescale a rollout's reasoning weights to sum to R (code: sum_to_L)
@@ -97,7 +98,7 @@ class OarGSettings:
         return cls(**json.loads(text))
 
 
-def bilevel_weights(saliency: torch.Tensor, reasoning: torch.Tensor, tau: float = 0.5, beta: float = 1.0,
+def bilevel_weights(saliency: torch.Tensor, reasoning: torch.Tensor, tau: float = 0.25, beta: float = 1.0,
                     floor: float = 0.1, sum_to_len: bool = True) -> torch.Tensor:
     """The Bi-Level weights w_t (module docstring, step 2) of each row's reasoning tokens; 1 elsewhere.
 
@@ -122,7 +123,7 @@ def bilevel_weights(saliency: torch.Tensor, reasoning: torch.Tensor, tau: float 
 
 
 def reshape_advantages(advantages: torch.Tensor, saliency: torch.Tensor, reasoning: torch.Tensor,
-                       response_mask: torch.Tensor, tau: float = 0.5, beta: float = 1.0, floor: float = 0.1,
+                       response_mask: torch.Tensor, tau: float = 0.25, beta: float = 1.0, floor: float = 0.1,
                        sum_to_len: bool = True) -> torch.Tensor:
     """A_t = A * w_t on reasoning tokens, A elsewhere on the response, 0 off it. All [B, T]."""
     reasoning = reasoning.bool() & response_mask.bool()

@@ -17,8 +17,10 @@ verl 0.9.1's token-mean divides the summed loss of a mini-batch by all its respo
 scale the loss by |B_rho| / |M| (~rho) against the official one. This estimator zeroes them and
 multiplies the selected tokens' advantages by |M| / |B_rho|: every term of verl's clipped loss is
 linear in A_t (both clip branches and the dual clip), so the loss verl computes is exactly the
-official mean over the selected tokens when a step is one mini-batch, and that mean in
-expectation over mini-batches otherwise (`algorithm.top_entropy.renormalize=false` keeps verl's
+official mean over the selected tokens when a step is one mini-batch on one rank (the official
+code, Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR @ 6f5dda6, core_algos.py:1007 and dp_actor.py:434,
+takes that mean per micro-batch and weights the micro-batches by their sequences), and that mean
+in expectation over mini-batches otherwise (`algorithm.top_entropy.renormalize=false` keeps verl's
 token-mean over all tokens instead).
 
 Why an estimator and not a policy loss: verl registers policy losses too, but 0.9.1's `ppo_loss`

@@ -1,4 +1,5 @@
-"""Fixtures for the verl-integration tests: a tiny random Qwen2 and a 1-process gloo group."""
+"""Fixtures for the verl-integration tests: a tiny random Qwen2, a 1-process gloo group, and verl's
+FSDP LM-head engine around a plain module."""
 
 import os
 
@@ -28,8 +29,7 @@ def gloo_world():
     yield
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2():
+def _tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -38,8 +38,54 @@ def tiny_qwen2():
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
         attn_implementation="sdpa", tie_word_embeddings=False,
     )
-    model = Qwen2ForCausalLM(cfg).eval()
-    return model
+    return Qwen2ForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    """A random 2-layer Qwen2 in eval mode, shared by the session (tests must not train it)."""
+    return _tiny_qwen2().eval()
+
+
+@pytest.fixture()
+def trainable_qwen2():
+    """The same tiny Qwen2 (same seed), a fresh copy in train mode for tests that take gradients."""
+    return _tiny_qwen2().train()
+
+
+@pytest.fixture()
+def fsdp_engine(monkeypatch, gloo_world):
+    """make(module) -> verl's FSDPEngineWithLMHead around a plain HF module.
+
+    Built with ``object.__new__`` and the attributes its forward reads: FSDP sharding does not
+    change forward outputs, and FSDP1/2 need an accelerator or a full worker to build here; the
+    packing, remove-padding, dynamic batching and output layout are verl's own code. Only verl's
+    device lookup is pointed at the CPU (stock verl has no CPU platform)."""
+    from types import SimpleNamespace
+
+    import verl.utils.seqlen_balancing as seqlen_balancing
+    import verl.utils.torch_functional as verl_F
+    import verl.workers.engine.fsdp.transformer_impl as impl
+
+    from shear_verl.integration import patches
+
+    patches.install()  # idempotent; the plugin normally does this on `import verl`
+    monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
+    monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
+
+    def make(module):
+        engine = object.__new__(impl.FSDPEngineWithLMHead)
+        engine.module = module
+        engine.ulysses_sequence_parallel_size, engine.use_ulysses_sp, engine.ulysses_device_mesh = 1, False, None
+        engine.pad_to_length, engine.pad_to_length_bucket = False, 1
+        engine._autocast_dtype, engine.scaler = torch.float32, None
+        engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
+                                               use_no_sync_for_gradient_accumulation=True)
+        engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+        return engine
+
+    return make
 
 
 @pytest.fixture(scope="module")

@@ -27,26 +27,8 @@ TEMPERATURE = 0.7
 
 
 @pytest.fixture()
-def engine(monkeypatch, gloo_world, tiny_qwen2):
-    from types import SimpleNamespace
-
-    import verl.utils.seqlen_balancing as seqlen_balancing
-    import verl.utils.torch_functional as verl_F
-    import verl.workers.engine.fsdp.transformer_impl as impl
-
-    patches.install()
-    monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
-    monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
-    engine = object.__new__(impl.FSDPEngineWithLMHead)
-    engine.module = tiny_qwen2
-    engine.ulysses_sequence_parallel_size, engine.use_ulysses_sp, engine.ulysses_device_mesh = 1, False, None
-    engine.pad_to_length, engine.pad_to_length_bucket = False, 1
-    engine._autocast_dtype, engine.scaler = torch.float32, None
-    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
-                                           use_no_sync_for_gradient_accumulation=True)
-    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
-    return engine
+def engine(fsdp_engine, tiny_qwen2):
+    return fsdp_engine(tiny_qwen2)
 
 
 def old_log_prob_batch(vocab, rmpad, dynamic):

@@ -1,10 +1,8 @@
 """Hidden-state capture through verl's real FSDP LM-head engine code on CPU.
 
-The engine object is built with `object.__new__` and given a plain HF module (no FSDP wrapping:
-FSDP sharding does not change forward outputs, and FSDP1/2 need an accelerator or a full worker
-to build here); everything else -- input packing, remove-padding, dynamic batching, fused-kernel
-forward (torch backend), output layout, micro-batch merging -- is verl's own code. Only verl's
-device lookup is pointed at the CPU (no CPU platform in stock verl).
+The engine is verl's FSDP LM-head engine around a plain HF module (the ``fsdp_engine`` fixture);
+input packing, remove-padding, dynamic batching, fused-kernel forward (torch backend), output
+layout and micro-batch merging are verl's own code.
 The reference is transformers' `hidden_states[-1]` of each sequence run alone.
 """
 
@@ -13,46 +11,11 @@ import torch
 from tensordict import TensorDict
 
 from shear_verl.core import ShearConfig, group_token_weights
-from shear_verl.integration import patches
 from shear_verl.integration.fields import FLAG_KEY
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import STATS_COLUMNS, STATS_KEY, WEIGHTS_KEY
 
 SETTINGS = ShearSettings(engine=ShearConfig(span_len=4, stride=2, epsilon=0.1), correct_threshold=0.5)
-
-
-@pytest.fixture()
-def engine_cls(monkeypatch, gloo_world):
-    import verl.utils.seqlen_balancing as seqlen_balancing
-    import verl.workers.engine.fsdp.transformer_impl as impl
-
-    patches.install()  # idempotent; the plugin normally does this on `import verl`
-    monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
-    monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
-    return impl.FSDPEngineWithLMHead
-
-
-def make_engine(cls, module):
-    from types import SimpleNamespace
-
-    import verl.utils.torch_functional as verl_F
-
-    engine = object.__new__(cls)
-    engine.module = module
-    engine.ulysses_sequence_parallel_size = 1
-    engine.use_ulysses_sp = False
-    engine.ulysses_device_mesh = None
-    engine.pad_to_length = False
-    engine.pad_to_length_bucket = 1
-    engine._autocast_dtype = torch.float32
-    engine.scaler = None
-    engine.engine_config = SimpleNamespace(
-        entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
-        use_no_sync_for_gradient_accumulation=True,
-    )
-    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
-    return engine
 
 
 def make_batch(lengths, vocab, *, rmpad, dynamic, fused, flag=True, seed=0, settings=SETTINGS):
@@ -109,13 +72,13 @@ LENGTHS = [(5, 9), (7, 3), (4, 12), (6, 6), (3, 8), (8, 2), (5, 11), (4, 7)]
 
 @pytest.mark.parametrize("rmpad", [True, False])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_captured_rows_equal_transformers_hidden_states(engine_cls, tiny_qwen2, rmpad, dynamic):
+def test_captured_rows_equal_transformers_hidden_states(fsdp_engine, tiny_qwen2, rmpad, dynamic):
     from shear_verl.integration.capture import HIDDEN_KEY
 
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     data, ids, prompts = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=rmpad, dynamic=dynamic, fused=False)
     # Stop before the weights step to see the raw capture: call the unwrapped infer path.
-    out = engine_cls.__dict__["infer_batch"].__wrapped__(engine, data)
+    out = type(engine).__dict__["infer_batch"].__wrapped__(engine, data)
     captured = out["model_output"][HIDDEN_KEY].unbind()
     ref = reference_rows(tiny_qwen2, ids, prompts)
     assert len(captured) == len(ref)
@@ -126,7 +89,7 @@ def test_captured_rows_equal_transformers_hidden_states(engine_cls, tiny_qwen2, 
     assert "log_probs" in out["model_output"]
 
 
-def test_capture_with_fused_kernels_torch_backend(engine_cls, tiny_qwen2):
+def test_capture_with_fused_kernels_torch_backend(fsdp_engine, tiny_qwen2):
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
 
     from shear_verl.integration.capture import HIDDEN_KEY
@@ -135,9 +98,9 @@ def test_capture_with_fused_kernels_torch_backend(engine_cls, tiny_qwen2):
     original_forward = cls.forward
     try:
         patch_forward_with_backends(tiny_qwen2, use_fused_kernels=True, fused_kernels_backend="torch")
-        engine = make_engine(engine_cls, tiny_qwen2)
+        engine = fsdp_engine(tiny_qwen2)
         data, ids, prompts = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=True)
-        out = engine_cls.__dict__["infer_batch"].__wrapped__(engine, data)
+        out = type(engine).__dict__["infer_batch"].__wrapped__(engine, data)
     finally:
         cls.forward = original_forward
     ref = reference_rows(tiny_qwen2, ids, prompts)
@@ -145,9 +108,9 @@ def test_capture_with_fused_kernels_torch_backend(engine_cls, tiny_qwen2):
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-5)
 
 
-def test_unflagged_pass_is_verls_own(engine_cls, tiny_qwen2):
+def test_unflagged_pass_is_verls_own(fsdp_engine, tiny_qwen2):
     """Ref / update passes (no flag): no capture, no extra fields, same log-probs."""
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     flagged, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False)
     plain, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False, flag=False)
     out_plain = engine.infer_batch(plain)
@@ -159,9 +122,9 @@ def test_unflagged_pass_is_verls_own(engine_cls, tiny_qwen2):
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_worker_weights_equal_group_token_weights(engine_cls, tiny_qwen2, dynamic):
+def test_worker_weights_equal_group_token_weights(fsdp_engine, tiny_qwen2, dynamic):
     """Weights from the engine == group_token_weights on transformers' states of the masked tokens."""
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     data, ids, prompts = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=dynamic, fused=False)
     out = engine.infer_batch(data)
     got = out["model_output"][WEIGHTS_KEY].unbind()
@@ -180,11 +143,11 @@ def test_worker_weights_equal_group_token_weights(engine_cls, tiny_qwen2, dynami
     assert stats.shape == (len(LENGTHS), len(STATS_COLUMNS)) and stats[:, 0].sum() > 0  # Sinkhorn problems were solved
 
 
-def test_offload_to_host_memory_gives_the_same_weights(engine_cls, tiny_qwen2):
+def test_offload_to_host_memory_gives_the_same_weights(fsdp_engine, tiny_qwen2):
     """algorithm.shear.offload_to_cpu: captured rows wait in host memory; the weights do not change."""
     import dataclasses
 
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     kept, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False)
     offloaded, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False,
                                  settings=dataclasses.replace(SETTINGS, offload_to_cpu=True))
@@ -194,13 +157,13 @@ def test_offload_to_host_memory_gives_the_same_weights(engine_cls, tiny_qwen2):
         torch.testing.assert_close(x, y)
 
 
-def test_stats_carry_n_bar_of_the_captured_states_and_the_capture_size(engine_cls, tiny_qwen2):
+def test_stats_carry_n_bar_of_the_captured_states_and_the_capture_size(fsdp_engine, tiny_qwen2):
     """The stats the driver turns into shear/n_bar, shear/epsilon_raw and shear/capture_mb, against
     transformers' states of the same tokens."""
     from shear_verl.integration.driver import shear_metrics
     from shear_verl.integration.worker import COL, sequence_scores
 
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     data, ids, prompts = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False)
     out = engine.infer_batch(data)["model_output"]
     stats = out[STATS_KEY]
@@ -220,10 +183,10 @@ def test_stats_carry_n_bar_of_the_captured_states_and_the_capture_size(engine_cl
     assert m["shear/capture_mb"] == pytest.approx(captured_mb, rel=1e-6)
 
 
-def test_capture_budget_stops_the_pass_naming_the_knobs(engine_cls, tiny_qwen2):
+def test_capture_budget_stops_the_pass_naming_the_knobs(fsdp_engine, tiny_qwen2):
     import dataclasses
 
-    engine = make_engine(engine_cls, tiny_qwen2)
+    engine = fsdp_engine(tiny_qwen2)
     tight = dataclasses.replace(SETTINGS, max_capture_mb=0.001)  # ~1 KB: the first micro-batch passes it
     data, _, _ = make_batch(LENGTHS, tiny_qwen2.config.vocab_size, rmpad=True, dynamic=True, fused=False,
                             settings=tight)

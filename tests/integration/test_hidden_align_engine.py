@@ -1,19 +1,17 @@
 """Hidden-Align through verl's real FSDP LM-head engine training path on CPU
 (`forward_backward_batch(forward_only=False)`: packing, remove-padding or not, forward, verl's loss
-call, backward), as test_fsdp_capture.py builds the engine: `object.__new__` with a plain HF module
-(FSDP sharding needs an accelerator or a full worker here; it does not change forward outputs).
+call, backward), on the engine of the ``fsdp_engine`` fixture (a plain HF module: FSDP sharding
+needs an accelerator or a full worker here; it does not change forward outputs).
 The reference is transformers' `hidden_states[-1]` of each sequence run alone, and the loss of
 the module's equation written out below; the gradient is read on the decoder output itself."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from tensordict import NonTensorStack, TensorDict
 
 from shear_verl.baselines.hidden_align import HiddenAlignSettings
-from shear_verl.integration import patches
 from shear_verl.integration.align_hooks import ENGINE_ATTR, HiddenAlignRun
 
 # (prompt, response) lengths; groups of 4: g0 has 3 correct (rows 0, 1, 3), g1 one (row 4)
@@ -22,44 +20,8 @@ SCORES = [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 MARKER = (11, 12)
 
 
-@pytest.fixture()
-def engine_cls(monkeypatch, gloo_world):
-    import verl.utils.seqlen_balancing as seqlen_balancing
-    import verl.workers.engine.fsdp.transformer_impl as impl
-
-    patches.install()
-    monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
-    monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
-    return impl.FSDPEngineWithLMHead
-
-
-@pytest.fixture()
-def model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      attn_implementation="sdpa", tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).train()
-
-
-def make_engine(cls, module, settings):
-    import verl.utils.torch_functional as verl_F
-
-    engine = object.__new__(cls)
-    engine.module = module
-    engine.ulysses_sequence_parallel_size = 1
-    engine.use_ulysses_sp = False
-    engine.ulysses_device_mesh = None
-    engine.pad_to_length = False
-    engine.pad_to_length_bucket = 1
-    engine._autocast_dtype = torch.float32
-    engine.scaler = None
-    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
-                                           use_no_sync_for_gradient_accumulation=True)
-    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+def make_engine(fsdp_engine, module, settings):
+    engine = fsdp_engine(module)
     setattr(engine, ENGINE_ATTR, HiddenAlignRun(settings, MARKER, rollout_n=4))
     return engine
 
@@ -136,35 +98,35 @@ def grad_rows(hidden, rmpad):
 
 
 @pytest.mark.parametrize("rmpad", [True, False])
-def test_gradient_flows_only_through_correct_rollouts_anchor_states(engine_cls, model, rmpad):
+def test_gradient_flows_only_through_correct_rollouts_anchor_states(fsdp_engine, trainable_qwen2, rmpad):
     settings = HiddenAlignSettings(coef=1.0, fallback="last")
-    engine = make_engine(engine_cls, model, settings)
-    data, ids = make_batch(model.config.vocab_size, rmpad, marker_rows=(0,))
-    hidden, out = run_update(engine, model, data)
+    engine = make_engine(fsdp_engine, trainable_qwen2, settings)
+    data, ids = make_batch(trainable_qwen2.config.vocab_size, rmpad, marker_rows=(0,))
+    hidden, out = run_update(engine, trainable_qwen2, data)
     # anchors: row 0 the token before its marker (response token 3), the others their last token
     anchors = {i: p + (3 if i == 0 else r - 1) for i, (p, r) in enumerate(LENGTHS)}
     rows = grad_rows(hidden, rmpad)
     for i in range(len(LENGTHS)):
         expect = {anchors[i]} if i in (0, 1, 3) else set()  # g1 has a single correct rollout: no pair
         assert rows[i] == expect, f"row {i}"
-    assert model.model.norm.weight.grad is not None and model.model.norm.weight.grad.abs().sum() > 0
+    assert trainable_qwen2.model.norm.weight.grad is not None and trainable_qwen2.model.norm.weight.grad.abs().sum() > 0
     metrics = out["metrics"]
     loss = metrics["hidden_align/loss"]
     value = float(loss[0].values[0] if isinstance(loss, list) else loss.values[0])
-    assert value == pytest.approx(reference_loss(model, ids, anchors, [0, 1, 3], n_groups=2), rel=1e-4)
+    assert value == pytest.approx(reference_loss(trainable_qwen2, ids, anchors, [0, 1, 3], n_groups=2), rel=1e-4)
 
 
-def test_no_group_with_two_correct_rollouts_gives_zero_loss_and_no_gradient(engine_cls, model):
+def test_no_group_with_two_correct_rollouts_gives_zero_loss_and_no_gradient(fsdp_engine, trainable_qwen2):
     global SCORES
-    engine = make_engine(engine_cls, model, HiddenAlignSettings(coef=1.0))
+    engine = make_engine(fsdp_engine, trainable_qwen2, HiddenAlignSettings(coef=1.0))
     saved = SCORES
     try:
         SCORES = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # one correct rollout per group
-        data, _ = make_batch(model.config.vocab_size, rmpad=True)
-        hidden, out = run_update(engine, model, data)
+        data, _ = make_batch(trainable_qwen2.config.vocab_size, rmpad=True)
+        hidden, out = run_update(engine, trainable_qwen2, data)
     finally:
         SCORES = saved
     assert all(not r for r in grad_rows(hidden, rmpad=True))
     loss = out["metrics"]["hidden_align/loss"]
     assert float(loss[0].values[0] if isinstance(loss, list) else loss.values[0]) == 0.0
-    assert math.isfinite(float(model.model.norm.weight.grad.abs().sum()))
+    assert math.isfinite(float(trainable_qwen2.model.norm.weight.grad.abs().sum()))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 
 from shear_verl.baselines.oar_g import OarGSettings
-from shear_verl.integration import patches
 from shear_verl.integration.fields import OAR_FLAG, OAR_REASONING_KEY, OAR_SALIENCY_KEY, OAR_STATS_KEY
 from shear_verl.integration.saliency import answer_span, input_gradient_saliency
 
@@ -129,27 +128,13 @@ def test_answer_span_finds_the_last_marker():
 LENGTHS = [(5, 9), (7, 3), (4, 12), (6, 6)]  # (prompt, response)
 
 
-def test_infer_batch_writes_the_saliency_of_each_row(monkeypatch, gloo_world, tiny_qwen2):
+def test_infer_batch_writes_the_saliency_of_each_row(fsdp_engine, tiny_qwen2):
     """verl's FSDP engine's infer_batch (real packing / dynamic batching) with the oar_g flag."""
     from types import SimpleNamespace
 
-    import verl.utils.seqlen_balancing as seqlen_balancing
-    import verl.utils.torch_functional as verl_F
-    import verl.workers.engine.fsdp.transformer_impl as impl
     from verl.utils import tensordict_utils as tu
 
-    patches.install()
-    monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
-    monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
-    monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
-    engine = object.__new__(impl.FSDPEngineWithLMHead)
-    engine.module = tiny_qwen2
-    engine.ulysses_sequence_parallel_size, engine.use_ulysses_sp, engine.ulysses_device_mesh = 1, False, None
-    engine.pad_to_length, engine.pad_to_length_bucket = False, 1
-    engine._autocast_dtype, engine.scaler = torch.float32, None
-    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
-                                           use_no_sync_for_gradient_accumulation=True)
-    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    engine = fsdp_engine(tiny_qwen2)
     engine.model_config = SimpleNamespace(tokenizer=CharTokenizer())
 
     g = torch.Generator().manual_seed(0)
