@@ -25,7 +25,7 @@ from pathlib import Path
 from . import counting, task
 from .warmstart import WarmStart, warm_start
 
-TASKS = {"parity": task, "counting": counting}  # name -> module with write_dataset, tokenizer_corpus
+TASKS = {"parity": task, "counting": counting}  # name -> module with make_rows, tokenizer_corpus
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -36,6 +36,20 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def write_dataset(make_rows, out_dir: Path, n_train: int, n_val: int, seed: int) -> tuple[Path, Path]:
+    """Write a task's ``train.parquet`` and ``val.parquet`` (the format verl's RLHFDataset reads);
+    ``make_rows(n, seed, split)`` gives its rows."""
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
+        path = out_dir / f"{split}.parquet"
+        pd.DataFrame(make_rows(n, split_seed, split)).to_parquet(path)
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ def build_assets(root: str | os.PathLike, spec: TinySpec = TinySpec()) -> TinyAs
             losses = warm_start(model, tokenizer, spec.warm_start)
             (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
         model.save_pretrained(tmp / "model")
-        TASKS[spec.task].write_dataset(tmp / "data", spec.n_train, spec.n_val, spec.seed)
+        write_dataset(TASKS[spec.task].make_rows, tmp / "data", spec.n_train, spec.n_val, spec.seed)
         (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1))
         try:
             os.rename(tmp, out)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 from reward_fns.counting import expected_terms
 
@@ -54,19 +53,6 @@ def make_rows(n: int, seed: int, split: str, n_terms: int = N_TERMS) -> list[dic
             }
         )
     return rows
-
-
-def write_dataset(out_dir: Path, n_train: int, n_val: int, seed: int) -> tuple[Path, Path]:
-    """Write ``train.parquet`` and ``val.parquet`` (the format verl's RLHFDataset reads)."""
-    import pandas as pd
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        path = out_dir / f"{split}.parquet"
-        pd.DataFrame(make_rows(n, split_seed, split)).to_parquet(path)
-        paths.append(path)
-    return paths[0], paths[1]
 
 
 def demonstration(rng: random.Random, error_frac: float, n_terms: int = N_TERMS) -> tuple[str, str, int]:

@@ -11,7 +11,6 @@ digit of the asked parity early and to end the number there.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from reward_fns.tiny import PARITIES
 
@@ -49,19 +48,6 @@ def make_rows(n: int, seed: int, split: str) -> list[dict]:
             }
         )
     return rows
-
-
-def write_dataset(out_dir: Path, n_train: int, n_val: int, seed: int) -> tuple[Path, Path]:
-    """Write ``train.parquet`` and ``val.parquet`` (the format verl's RLHFDataset reads)."""
-    import pandas as pd
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        path = out_dir / f"{split}.parquet"
-        pd.DataFrame(make_rows(n, split_seed, split)).to_parquet(path)
-        paths.append(path)
-    return paths[0], paths[1]
 
 
 def tokenizer_corpus(seed: int, n: int = 2000) -> list[str]:
