@@ -7,7 +7,7 @@ cd "$ROOT"
 bash scripts/setup_cpu.sh
 VENV="${SHEAR_VENV:-$ROOT/.venv}"
 set +e
-"$VENV/bin/python" -m pytest tests -q "$@"
+"$VENV/bin/python" -m pytest tests -q --durations=20 "$@"  # the slowest tests: the CI time budget
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
