@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from shear_verl.core.ot import fused
+from shear_verl.core.ot.fused import dense_kernel
 from shear_verl.core.ot.anderson import ANDERSON_MEMORY, ANDERSON_RIDGE, AndersonSinkhorn
 from shear_verl.core.ot.iteration import sinkhorn_iterations
 from shear_verl.core.ot.tiling import kernel_products
@@ -39,13 +40,7 @@ def _products(kernel, tiles, vec, out, transpose):  # pragma: no cover - compile
     g = kernel.shape[1]
     n = L * g
     for p in numba.prange(P):
-        dense = np.empty((n, n), kernel.dtype)
-        for rb in range(L):
-            for cb in range(L):
-                block = kernel[tiles[p, rb, cb]]
-                for i in range(g):
-                    for j in range(g):
-                        dense[rb * g + i, cb * g + j] = block[i, j]
+        dense = dense_kernel(kernel, tiles[p])
         if transpose:
             out[p] = 0
             for i in range(n):

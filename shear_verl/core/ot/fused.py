@@ -145,6 +145,21 @@ def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered throug
         rhs[k] = total / system[k, k]
 
 
+@numba.njit(cache=True, inline="always")
+def dense_kernel(kernel, tiles):  # pragma: no cover - compiled
+    """One problem's kernel [n, n] written out from its blocks: kernel [NB, g, g], tiles [L, L] block ids."""
+    L = tiles.shape[0]
+    g = kernel.shape[1]
+    dense = np.empty((L * g, L * g), kernel.dtype)
+    for rb in range(L):
+        for cb in range(L):
+            block = kernel[tiles[rb, cb]]
+            for i in range(g):
+                for j in range(g):
+                    dense[rb * g + i, cb * g + j] = block[i, j]
+    return dense
+
+
 @numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: no cover - compiled
     """Sinkhorn's half-steps of one problem from its row scaling alpha [n]: K^T alpha (row by row, as
@@ -179,13 +194,7 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
     n = L * g
     memory = d_r.shape[1]
     for p in numba.prange(P):
-        dense = np.empty((n, n), kernel.dtype)  # [n, n] problem p's kernel, written out
-        for rb in range(L):
-            for cb in range(L):
-                block = kernel[tiles[p, rb, cb]]
-                for i in range(g):
-                    for j in range(g):
-                        dense[rb * g + i, cb * g + j] = block[i, j]
+        dense = dense_kernel(kernel, tiles[p])  # [n, n] problem p's kernel, written out
         r = np.empty(n, kernel.dtype)  # [n] residual
         beta = np.empty(n, kernel.dtype)  # [n]
         system = np.empty((memory, memory), kernel.dtype)
