@@ -7,7 +7,7 @@ in every verl process) registers them all. Methods table: README, "Baselines".
 
 from __future__ import annotations
 
-BASELINES = ("entropy_adv", "top_entropy")
+BASELINES = ("entropy_adv", "top_entropy", "pure", "prm_reshape")
 
 
 def register_baselines() -> None:
