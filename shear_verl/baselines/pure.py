@@ -117,8 +117,10 @@ def reward_info_rows(found: signals.Pending, name: str, response_mask: torch.Ten
     ends, scores = found.payload[STEP_ENDS_KEY], found.payload[STEP_SCORES_KEY]
     lengths = response_mask.sum(-1).tolist()
     for i, (e, s) in enumerate(zip(ends, scores, strict=True)):
-        if e is None or s is None or len(e) != len(s):
+        if e is None or s is None:
             raise RuntimeError(f"{name}: row {i} has no PRM step scores ({STEP_ENDS_KEY}={e}, {STEP_SCORES_KEY}={s})")
+        if len(e) != len(s):
+            raise RuntimeError(f"{name}: row {i} has {len(e)} PRM step ends but {len(s)} step scores")
         if lengths[i] > 0 and (not e or e[-1] != lengths[i] - 1):
             raise RuntimeError(f"{name}: row {i}'s PRM steps end at {e} but its response has {lengths[i]} tokens: "
                                "the reward extra info belongs to another response")

@@ -50,7 +50,8 @@ def validate_config(config) -> Any:
 
     Every run: `algorithm.adv_estimator` must be registered, and no method's `algorithm.<name>.*`
     other than the active one's may be set. A token-signal run also needs verl's old-log-prob pass
-    (where its signal is computed), groups of >= 2 rollouts, and the V1 trainer.
+    when it reads worker fields (they are computed there), a reward model served on its own pool when
+    it reads reward info (a PRM's step scores), groups of >= 2 rollouts, and the V1 trainer.
     """
     name = str(config.algorithm.get("adv_estimator", ""))
     check_estimator_name(name)
@@ -66,7 +67,7 @@ def validate_config(config) -> Any:
     settings = signal.parse(config.algorithm)
     what = ", ".join(signal.fields)
     rc = config.algorithm.get("rollout_correction", None)
-    if rc is not None and rc.get("bypass_mode", False):
+    if signal.fields and rc is not None and rc.get("bypass_mode", False):
         raise ValueError(
             f"algorithm.adv_estimator={name} needs verl's old-log-prob pass (it computes {what} there), but "
             "algorithm.rollout_correction.bypass_mode=true skips it. Set algorithm.rollout_correction.bypass_mode=false."
