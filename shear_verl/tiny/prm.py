@@ -88,3 +88,40 @@ def build_tiny_prm(root: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def prm_overrides(prm_dir: str | os.PathLike, *, max_model_len: int, max_num_seqs: int = 16) -> list[str]:
+    """Hydra overrides that serve ``prm_dir`` through verl's reward model and call PRMRewardManager.
+
+    The same settings a cluster run uses (recipes/run_pure_math.sh), sized for CPU: the PRM on a
+    pool of its own (one logical GPU), float32, no sleep mode (vLLM-CPU has none), and vLLM's STEP
+    pooler told the tiny tokenizer's separator id (it defaults to Qwen2.5's ``<extra_0>``, 151651).
+    """
+    from transformers import AutoTokenizer
+
+    import shear_verl.baselines.prm_reward as prm_reward
+
+    sep = AutoTokenizer.from_pretrained(str(prm_dir)).convert_tokens_to_ids(PRM_SEPARATOR)
+    rm = "reward.reward_model"
+    return [
+        f"{rm}.enable=True",
+        f"{rm}.enable_resource_pool=True",
+        f"{rm}.n_gpus_per_node=1",
+        f"{rm}.nnodes=1",
+        f"{rm}.model_path={prm_dir}",
+        f"{rm}.rollout.name=vllm",
+        f"{rm}.rollout.dtype=float32",
+        f"{rm}.rollout.tensor_model_parallel_size=1",
+        f"{rm}.rollout.enforce_eager=True",
+        f"{rm}.rollout.free_cache_engine=False",
+        f"+{rm}.rollout.enable_sleep_mode=False",
+        f"{rm}.rollout.max_model_len={max_model_len}",
+        f"{rm}.rollout.max_num_seqs={max_num_seqs}",
+        f"{rm}.rollout.max_num_batched_tokens={max(8192, max_model_len)}",
+        f"+{rm}.rollout.engine_kwargs.vllm.pooler_config={{step_tag_id:{sep}}}",
+        "reward.reward_manager.source=importlib",
+        f"reward.reward_manager.module.path={prm_reward.__file__}",
+        "reward.reward_manager.name=PRMRewardManager",
+        # a second logical GPU for the PRM's pool (the platform's Ray resource)
+        "++ray_kwargs.ray_init.num_gpus=2",
+    ]

@@ -27,7 +27,8 @@ import shear_verl.cpu
 
 from .assets import TinyAssets, TinySpec, build_assets
 
-ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy")  # baselines: their paper defaults
+ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy", "pure", "prm_reshape")  # baselines: paper defaults
+PRM_ESTIMATORS = ("pure", "prm_reshape")  # served a tiny PRM (tiny/prm.py)
 REWARD_FNS = {"parity": reward_fns.tiny.__file__, "counting": reward_fns.counting.__file__}
 
 
@@ -168,6 +169,12 @@ def tiny_overrides(
                 f"+algorithm.shear.dump_groups={config.dump_groups}",
                 f"+algorithm.shear.dump_dir={workdir / 'credit'}",
             ]
+    if adv in PRM_ESTIMATORS:
+        from .prm import build_tiny_prm, prm_overrides
+
+        prm_dir = build_tiny_prm(assets.model_dir.parent, assets.model_dir)
+        overrides += prm_overrides(prm_dir, max_model_len=4 * (config.max_prompt_length + config.max_response_length),
+                                   max_num_seqs=micro)
     return overrides
 
 
