@@ -19,7 +19,8 @@ branch ``verl`` @ 83f9869), each step as it does:
 2. token scores: ``verifiable_reward_coef`` x the verifiable reward (at the last token) + the
    weighted step rewards (ray_trainer.py l. 1087-1096; coef 1.0);
 3. RLOO with the official baseline: b_i = sum_{j != i in the group} sum_t G_j[t] / ((n - 1) * T_w),
-   subtracted from every token's return (core_algos.py l. 240-253; T_w is the responses' padded width:
+   subtracted from every token's return (core_algos.py l. 240-253; a prompt's lone rollout gets
+   b = 0, as verl's own RLOO does, where the official code divides by zero; T_w is the responses' padded width:
    PURE pads to data.max_response_length, verl 0.9.1 to the batch's longest response, so
    ``baseline_width`` can set it);
 4. whitening over the batch's response tokens (``adv_norm=true``, verl's masked_whiten, l. 254-256).
@@ -102,7 +103,7 @@ def rloo_advantages(returns: torch.Tensor, response_mask: torch.Tensor, index, a
     baseline = torch.zeros_like(totals)  # [B]
     for rows in groups.values():
         if len(rows) < 2:
-            raise ValueError(f"pure's leave-one-out baseline needs >= 2 rollouts per prompt, got {len(rows)}")
+            continue  # a lone rollout (e.g. verl's padding rows) has no other: baseline 0, as verl's RLOO does
         group_sum = totals[rows].sum()
         baseline[rows] = (group_sum - totals[rows]) / ((len(rows) - 1) * width)
     mask = response_mask.to(returns.dtype)
@@ -151,6 +152,7 @@ def compute_pure_advantage(token_level_rewards: torch.Tensor, response_mask: tor
         f"{NAME}/num_steps_mean": float(np.mean([len(e) for e in ends])) if ends else 0.0,
         f"{NAME}/step_score_mean": float(flat.mean()),
         f"{NAME}/step_score_min_mean": float(np.mean([min(s) for s in step_scores if s] or [0.0])),
+        f"{NAME}/lone_rollouts": float(sum(1 for u in set(map(str, index)) if list(map(str, index)).count(u) == 1)),
         f"{NAME}/return_mean": float(returns[response_mask.bool()].mean()) if response_mask.any() else 0.0,
     }
     return adv, returns
