@@ -72,15 +72,12 @@ class PRMRewardManager(_naive_base()):
         self.split_ids = split_token_ids(tokenizer)
         self.sep_id = separator_id(reward_model_tokenizer, self.prm_kwargs["prm_separator"])
         self.model = str(config.reward.reward_model.model_path)
+        # The PRM's router is ours; the naive manager would pass it to the rule function, which plain
+        # rule functions do not accept. (Toggling it per call raced between concurrent rollouts.)
+        self.prm_router, self.reward_router_address = reward_router_address, None
 
     async def run_single(self, data) -> dict:
-        # The rule reward only: the naive manager passes router kwargs to the reward function when a
-        # router exists, which plain rule functions do not accept.
-        router, self.reward_router_address = self.reward_router_address, None
-        try:
-            out = await super().run_single(data)
-        finally:
-            self.reward_router_address = router
+        out = await super().run_single(data)  # the rule's verifiable reward
         item = data[-1:][0]
         response = item.batch["responses"]  # [T]
         length = int(item.batch["attention_mask"][-response.shape[-1]:].sum())
@@ -90,7 +87,7 @@ class PRMRewardManager(_naive_base()):
         ids = prm_input_ids(self.reward_model_tokenizer, messages, texts, self.prm_kwargs["prm_separator"])
         try:
             rows = await asyncio.wait_for(
-                post_pooling(self.reward_router_address, self.model, ids, self.prm_kwargs["prm_timeout_s"]),
+                post_pooling(self.prm_router, self.model, ids, self.prm_kwargs["prm_timeout_s"]),
                 timeout=self.prm_kwargs["prm_timeout_s"])
             scores = scores_from_pooling(rows, ids, self.sep_id, len(ends))
         except (Exception, asyncio.TimeoutError) as exc:  # every failure names the settings; no default score
