@@ -24,8 +24,6 @@ recipe_init() {
 # hidden-state norm (SHEAR_SPEC section 4), which does not depend on the model's scale. For the
 # literal paper value: SHEAR_EPSILON_MODE=absolute SHEAR_EPSILON=4.5.
 # The remaining engine knobs are passed only when set, else the engine's defaults apply.
-# Both twins (SHEAR and GRPO) pass these keys; the grpo estimator never reads them, so the two
-# commands differ in algorithm.adv_estimator alone.
 shear_args() {
   SHEAR_ARGS=(
     "+algorithm.shear.span_len=${SHEAR_SPAN_LEN:-100}"
@@ -68,6 +66,62 @@ recipe_launch() {
   exec "$@"
 }
 
+# prm_args: the process reward model the PRM baselines (pure, prm_reshape) take their step scores
+# from, served by verl's own reward model (reward.reward_model.*: vLLM pooling servers behind verl's
+# reward router) on a resource pool of its own, PRM_NNODES x PRM_N_GPUS_PER_NODE GPUs besides the
+# trainer's, one vLLM replica per PRM_TP GPUs; verl's reward loop runs PRMRewardManager
+# (shear_verl/baselines/prm_reward.py), which posts every rollout's steps to it. Default PRM: the
+# paper's Qwen2.5-Math-PRM-7B (its <extra_0> separator). Optional: PRM_MAX_MODEL_LEN, PRM_TIMEOUT_S
+# (seconds per request, default 600), PRM_STEP_TAG_ID (the separator's id: the server returns the
+# separators' rows only).
+prm_args() {
+  local rm=reward.reward_model
+  PRM_ARGS=(
+    "$rm.enable=True"
+    "$rm.enable_resource_pool=True"
+    "$rm.model_path=${PRM_PATH:-Qwen/Qwen2.5-Math-PRM-7B}"
+    "$rm.nnodes=${PRM_NNODES:-1}"
+    "$rm.n_gpus_per_node=${PRM_N_GPUS_PER_NODE:-8}"
+    "$rm.rollout.name=vllm"
+    "$rm.rollout.dtype=${PRM_DTYPE:-bfloat16}"
+    "$rm.rollout.tensor_model_parallel_size=${PRM_TP:-1}"
+    "$rm.rollout.gpu_memory_utilization=${PRM_GPU_MEMORY_UTILIZATION:-0.8}"
+    reward.reward_manager.source=importlib
+    "reward.reward_manager.module.path=$REPO_DIR/shear_verl/baselines/prm_reward.py"
+    reward.reward_manager.name=PRMRewardManager
+  )
+  if [ -n "${PRM_MAX_MODEL_LEN:-}" ]; then
+    PRM_ARGS+=("$rm.rollout.max_model_len=${PRM_MAX_MODEL_LEN}")
+  fi
+  if [ -n "${PRM_TIMEOUT_S:-}" ]; then
+    PRM_ARGS+=("+reward.reward_kwargs.prm_timeout_s=${PRM_TIMEOUT_S}")
+  fi
+  if [ -n "${PRM_STEP_TAG_ID:-}" ]; then
+    PRM_ARGS+=("+$rm.rollout.engine_kwargs.vllm.pooler_config={step_tag_id:${PRM_STEP_TAG_ID}}")
+  fi
+}
+
+# method_args: the active method's `algorithm.<name>.*` overrides, by ADV_ESTIMATOR. SHEAR's come
+# from the SHEAR_* environment (shear_args); every baseline (README, "Baselines") runs at its
+# paper's defaults, changed by hydra overrides on the command line (+algorithm.<name>.<key>=...).
+# Only the active method's keys are passed: the trainer refuses another method's non-default keys
+# at start-up, so a SHEAR_* knob left in the environment cannot break the GRPO twin.
+# The PRM baselines also get their process reward model (prm_args).
+# HIDDEN_ALIGN_COEF (unset: off) adds Hidden-Align's auxiliary loss to any method.
+method_args() {
+  METHOD_ARGS=()
+  if [ "$ADV_ESTIMATOR" = shear ]; then
+    shear_args
+    METHOD_ARGS=("${SHEAR_ARGS[@]}")
+  fi
+  case "$ADV_ESTIMATOR" in
+    pure|prm_reshape) prm_args; METHOD_ARGS+=("${PRM_ARGS[@]}") ;;
+  esac
+  if [ -n "${HIDDEN_ALIGN_COEF:-}" ]; then
+    METHOD_ARGS+=("+actor_rollout_ref.actor.hidden_align.coef=${HIDDEN_ALIGN_COEF}")
+  fi
+}
+
 # engine_args: the actor-engine settings, by ENGINE (fsdp, the default, or megatron). Everything
 # else in recipe_main is engine-independent, so the two backends run the same experiment.
 engine_args() {
@@ -103,8 +157,9 @@ engine_args() {
 
 # recipe_main "$@": the paper's RL run (SHEAR_SPEC.md section 3, App. J) on verl's stock trainer.
 # The calling recipe sets TASK, MODEL_PATH, DATA_DIR, REWARD_FN, MAX_PROMPT_LENGTH and
-# ADV_ESTIMATOR; every other setting is an environment variable with the paper's value (or, for
-# throughput settings the paper does not give, a sensible one for 8 x 80 GB GPUs per node).
+# ADV_ESTIMATOR (the method: shear, grpo or a baseline); every other setting is an environment
+# variable with the paper's value (or, for throughput settings the paper does not give, a sensible
+# one for 8 x 80 GB GPUs per node).
 # Hydra overrides on the command line come last and win.
 recipe_main() {
   recipe_init "$@"
@@ -155,14 +210,14 @@ recipe_main() {
   RUN_STAMP="${RUN_STAMP:-$(date +%Y%m%d-%H%M%S)}"
   METRICS_FILE="${METRICS_FILE:-$OUTPUT_DIR/metrics-$RUN_STAMP.jsonl}"
   PYTHON="${PYTHON:-python3}"
-  shear_args
+  method_args
   engine_args
   # verl's file logger opens METRICS_FILE without creating its directory
   [ "$RECIPE_DRY_RUN" = 1 ] || mkdir -p "$(dirname "$METRICS_FILE")"
 
   recipe_launch "$PYTHON" -m verl.trainer.main_ppo \
     algorithm.adv_estimator="$ADV_ESTIMATOR" \
-    "${SHEAR_ARGS[@]}" \
+    "${METHOD_ARGS[@]}" \
     "${ENGINE_ARGS[@]}" \
     algorithm.use_kl_in_reward=False \
     algorithm.kl_ctrl.kl_coef="$KL_COEF" \

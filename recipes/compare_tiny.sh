@@ -5,12 +5,14 @@
 #
 #   SEEDS=3 bash recipes/compare_tiny.sh            # ~6 runs of ~5 min on 2 cores
 #   SEEDS=5 STEPS=24 THRESHOLD=0.65 bash recipes/compare_tiny.sh
+#   METHODS="grpo shear entropy_adv top_entropy" bash recipes/compare_tiny.sh   # baselines too
 #
-# Settings (environment): SEEDS (3), STEPS (16), THRESHOLD (0.6), OUT (outputs/compare),
+# Settings (environment): METHODS ("grpo shear"), SEEDS (3), STEPS (16), THRESHOLD (0.6), OUT (outputs/compare),
 # SHEAR_VENV (./.venv). Finished runs are reused; pass --fresh to retrain. Library: shear_verl/tiny/compare.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SHEAR_VENV:-$ROOT/.venv}"
 [ -x "$VENV/bin/python" ] || bash "$ROOT/scripts/setup_cpu.sh"
-exec "$VENV/bin/python" -m shear_verl.tiny.compare --seeds "${SEEDS:-3}" --steps "${STEPS:-16}" \
+# shellcheck disable=SC2086  # METHODS is a list of names
+exec "$VENV/bin/python" -m shear_verl.tiny.compare --adv ${METHODS:-grpo shear} --seeds "${SEEDS:-3}" --steps "${STEPS:-16}" \
   --threshold "${THRESHOLD:-0.6}" --out "${OUT:-$ROOT/outputs/compare}" "$@"

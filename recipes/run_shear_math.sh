@@ -13,7 +13,7 @@ REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_DIR/recipes/common.sh"
 
 TASK=math
-ADV_ESTIMATOR="${ADV_ESTIMATOR:-shear}"          # the one knob the GRPO twin changes
+ADV_ESTIMATOR="${ADV_ESTIMATOR:-${ADV:-shear}}"  # the one knob: ADV=grpo|entropy_adv|... (README)
 MODEL_PATH="${MODEL_PATH:-Qwen/Qwen2.5-Math-7B}"
 DATA_DIR="${DATA_DIR:-$HOME/data/shear/math}"
 REWARD_FN="${REWARD_FN:-$REPO_DIR/reward_fns/math.py}"

@@ -16,7 +16,7 @@ source "$REPO_DIR/recipes/common.sh"
 
 ENGINE=megatron
 TASK=math
-ADV_ESTIMATOR="${ADV_ESTIMATOR:-shear}"
+ADV_ESTIMATOR="${ADV_ESTIMATOR:-${ADV:-shear}}"
 MODEL_PATH="${MODEL_PATH:-Qwen/Qwen2.5-Math-7B}"
 DATA_DIR="${DATA_DIR:-$HOME/data/shear/math}"
 REWARD_FN="${REWARD_FN:-$REPO_DIR/reward_fns/math.py}"

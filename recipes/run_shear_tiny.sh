@@ -13,8 +13,8 @@
 #   STEPS=30 bash recipes/run_shear_tiny.sh trainer.save_freq=10   # extra args: hydra overrides
 #   RESUME=1 STEPS=40 bash recipes/run_shear_tiny.sh               # continue from the last checkpoint
 #
-# Settings (environment): TASK (counting|parity), ADV (shear|grpo|entropy_adv|top_entropy, default shear), STEPS (the
-# task's: 16 counting, 30 parity), SEED (0), OUT (outputs/tiny), SAVE_FREQ (-1: never), RESUME (0/1),
+# Settings (environment): TASK (counting|parity), ADV (shear, the default; grpo; or a baseline of
+# the README's "Baselines"), STEPS (the task's: 16 counting, 30 parity), SEED (0), OUT (outputs/tiny), SAVE_FREQ (-1: never), RESUME (0/1),
 # SHEAR_VENV (./.venv). Library code: shear_verl/tiny/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

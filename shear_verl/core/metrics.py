@@ -2,7 +2,7 @@
 
 All functions take the token-to-token Euclidean distance matrix of the pair, computed once, and
 the span layout of both rollouts; spans are windows of it, never copies of the hidden states.
-``sinkhorn`` and ``w1`` are solved per span pair (see ``weights.py``, which prunes them); the
+``sinkhorn`` and ``w1`` are solved per span pair (see ``span_distances``, which prunes them); the
 ablation metrics below are cheap enough to evaluate on every span pair at once.
 """
 
@@ -11,21 +11,7 @@ from __future__ import annotations
 import ot
 import torch
 
-from shear_verl.core.spans import window_reduce
-
-
-def mean_nearest_neighbour(dist: torch.Tensor, starts_x: list[int], n: int, starts_y: list[int], m: int,
-                           stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directed mean nearest-neighbour distances between every span of x and every span of y.
-
-    dist: [T_x, T_y]. Returns (x_to_y, y_to_x), both [K_x, K_y]:
-    x_to_y[k, l] = mean over x in span k of min over y in span l of ||x - y||.
-    """
-    nn_x = window_reduce(dist, 1, starts_y, m, stride, "amin")  # [T_x, K_y]
-    x_to_y = window_reduce(nn_x, 0, starts_x, n, stride, "mean")  # [K_x, K_y]
-    nn_y = window_reduce(dist, 0, starts_x, n, stride, "amin")  # [K_x, T_y]
-    y_to_x = window_reduce(nn_y, 1, starts_y, m, stride, "mean")  # [K_x, K_y]
-    return x_to_y, y_to_x
+from shear_verl.core.ot.bounds import mean_nearest_neighbour
 
 
 def chamfer(dist: torch.Tensor, starts_x: list[int], n: int, starts_y: list[int], m: int, stride: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Spans (Algorithm 1 step 2) and span -> token pooling (line 13).
+"""Spans (Algorithm 1 step 2), the rollouts of one outcome with their spans (``Side``), and span ->
+token pooling (line 13).
 
 Spans are windows of ``span_len`` tokens at starts 0, s, 2s, ... while the window fits, plus one
 final window ending at the last token when the regular ones stop short (docs/method.md, "Spans and the final span").
@@ -8,7 +9,11 @@ final window, so no span is ever copied out of the token axis.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from shear_verl.core.config import ShearConfig
 
 
 def span_length(num_tokens: int, span_len: int) -> int:
@@ -50,3 +55,39 @@ def pool_spans_to_tokens(span_values: torch.Tensor, starts: list[int], size: int
     out = span_values.new_zeros(num_tokens)
     reduce = "amax" if pooling == "max" else "mean"
     return out.scatter_reduce(0, offsets.flatten(), values.flatten(), reduce=reduce, include_self=False)
+
+
+@dataclasses.dataclass
+class Side:
+    """The non-empty rollouts of one outcome and their spans, numbered globally 0..S-1."""
+
+    members: list[int]  # rollout indices within the group
+    states: list[torch.Tensor]  # [T_i, d] in compute dtype
+    starts: list[list[int]]
+    sizes: list[int]
+    first: list[int]  # global index of each rollout's first span
+    owner: torch.Tensor  # [S] position in ``members`` of each span's rollout
+    start: torch.Tensor  # [S] first token of each span
+    length: torch.Tensor  # [S] tokens of each span
+
+    @classmethod
+    def build(cls, members: list[int], states: list[torch.Tensor], cfg: ShearConfig) -> Side:
+        starts = [span_starts(h.shape[0], cfg.span_len, cfg.stride) for h in states]
+        counts = [len(s) for s in starts]
+        first = [0]
+        for c in counts[:-1]:
+            first.append(first[-1] + c)
+        device = states[0].device
+        owner = torch.repeat_interleave(torch.arange(len(states), device=device), torch.tensor(counts, device=device))
+        sizes = [span_length(h.shape[0], cfg.span_len) for h in states]
+        start = torch.tensor([st for ss in starts for st in ss], device=device)
+        length = torch.tensor(sizes, device=device)[owner]
+        return cls(members, states, starts, sizes, first, owner, start, length)
+
+    @property
+    def num_spans(self) -> int:
+        return self.owner.shape[0]
+
+    def span_means(self, stride: int) -> torch.Tensor:
+        """Mean hidden state of every span. [S, d]"""
+        return torch.cat([window_reduce(h, 0, st, n, stride, "mean") for h, st, n in zip(self.states, self.starts, self.sizes)])

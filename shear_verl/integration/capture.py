@@ -20,8 +20,8 @@ from torch import nn
 from shear_verl.integration.fields import HIDDEN_KEY  # noqa: F401 - re-exported
 
 
-def find_decoder(module: nn.Module) -> nn.Module:
-    """The decoder base model whose output is the LM-head input, through FSDP1 / PEFT wrappers."""
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The HF model inside FSDP1 / PEFT wrappers (FSDP2 wraps in place: returned as is)."""
     m = module
     for _ in range(4):  # FSDP1 -> PEFT -> LoRA model -> HF model, at most
         if hasattr(m, "_fsdp_wrapped_module"):
@@ -30,6 +30,12 @@ def find_decoder(module: nn.Module) -> nn.Module:
             m = m.get_base_model()
         else:
             break
+    return m
+
+
+def find_decoder(module: nn.Module) -> nn.Module:
+    """The decoder base model whose output is the LM-head input, through FSDP1 / PEFT wrappers."""
+    m = unwrap_model(module)
     if hasattr(m, "get_decoder") and callable(m.get_decoder):
         decoder = m.get_decoder()
         if isinstance(decoder, nn.Module) and decoder is not m:
@@ -43,12 +49,13 @@ def find_decoder(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def capture_last_hidden(decoder: nn.Module, store: list) -> Iterator[None]:
-    """Append the decoder's `last_hidden_state` of every forward inside the block to `store`."""
+def capture_last_hidden(decoder: nn.Module, store: list, detach: bool = True) -> Iterator[None]:
+    """Append the decoder's `last_hidden_state` of every forward inside the block to `store`
+    (detached, or with its graph for a loss on it: hidden_align)."""
 
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        store.append(hidden.detach())
+        store.append(hidden.detach() if detach else hidden)
 
     handle = decoder.register_forward_hook(hook)
     try:
@@ -67,11 +74,14 @@ def rows_per_sequence_rmpad(hidden: torch.Tensor, cu_seqlens: torch.Tensor, unpa
     return torch.nested.nested_tensor_from_jagged(packed, cu_seqlens)
 
 
+def packed_rows_padded(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Right-padded decoder output [b, S, H] -> packed rows [nnz, H] (no remove-padding)."""
+    return torch.cat([hidden[i, :n] for i, n in enumerate(cu_seqlens.diff().tolist())])
+
+
 def rows_per_sequence_padded(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Right-padded decoder output [b, S, H] -> nested [b, seq_len_i, H] (no remove-padding)."""
-    lengths = cu_seqlens.diff().tolist()
-    packed = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])  # [nnz, H]
-    return torch.nested.nested_tensor_from_jagged(packed, cu_seqlens)
+    return torch.nested.nested_tensor_from_jagged(packed_rows_padded(hidden, cu_seqlens), cu_seqlens)
 
 
 def response_rows(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,8 @@ def validate_config(config) -> Any:
                          + signal.missing_help)
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"algorithm.adv_estimator={name} supports verl's V1 trainer only: set trainer.use_v1=true")
+    if signal.check is not None:
+        signal.check(config)
     return settings
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from shear_verl.integration import align_hooks
+from shear_verl.integration.align_hooks import ENGINE_ATTR
 from shear_verl.integration.capture import (
     HIDDEN_KEY,
     capture_last_hidden,
@@ -17,7 +19,7 @@ from shear_verl.integration.capture import (
     rows_per_sequence_padded,
     rows_per_sequence_rmpad,
 )
-from shear_verl.integration.fields import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY, OAR_FLAG
 from shear_verl.integration.peer_split import Peers, keep_share, share_of, split_batch_weights
 from shear_verl.integration.settings import ShearSettings
 from shear_verl.integration.worker import STATS_KEY, WEIGHTS_KEY, sequence_scores
@@ -30,7 +32,11 @@ def _flag(data):
 
 
 def fsdp_forward_step(engine, orig, micro_batch, loss_function, forward_only):
-    """verl's forward_step, with a hook on the decoder while the capture flag is set."""
+    """verl's forward_step, with a hook on the decoder while the capture flag is set (or, in the
+    update pass, while Hidden-Align is on: align_hooks)."""
+    align = getattr(engine, ENGINE_ATTR, None)
+    if align is not None and not forward_only and loss_function is not None:
+        return align_hooks.forward_step(engine, orig, align, micro_batch, loss_function)
     if _flag(micro_batch) is None:
         return orig(micro_batch, loss_function, forward_only)
     store: list[torch.Tensor] = []
@@ -43,10 +49,14 @@ def fsdp_forward_step(engine, orig, micro_batch, loss_function, forward_only):
 
 
 def fsdp_prepare_model_outputs(engine, orig, output, output_args, micro_batch, *args, **kwargs):
-    """verl's prepare_model_outputs, plus the captured response rows under HIDDEN_KEY."""
+    """verl's prepare_model_outputs, plus the captured response rows under HIDDEN_KEY (or Hidden-Align's
+    packed rows, on the engine)."""
     from verl.utils import tensordict_utils as tu
 
     model_output = orig(output, output_args, micro_batch, *args, **kwargs)
+    if getattr(engine, "_shear_align_store", None) is not None:
+        align_hooks.stash_packed(engine, output_args, micro_batch)
+        return model_output
     store = getattr(engine, "_shear_store", None)
     flag = _flag(micro_batch)
     if store is None or flag is None:
@@ -109,6 +119,17 @@ def fsdp_peers(engine) -> Peers:
         return Peers(None, 0, 1, True, True)
     return Peers(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), mesh["sp"].size(), True,
                  engine.is_mp_src_rank_with_outputs())
+
+
+def fsdp_infer_batch(engine, orig, data, *args, **kwargs):
+    """verl's infer_batch on the FSDP engine: the OAR-G saliency pass (saliency.py) or SHEAR's weights."""
+    from verl.utils import tensordict_utils as tu
+
+    from shear_verl.integration.saliency import infer_batch_with_saliency
+
+    if tu.get_non_tensor_data(data=data, key=OAR_FLAG, default=None) is not None:
+        return infer_batch_with_saliency(engine, orig, data, *args, **kwargs)
+    return infer_batch_with_weights(engine, orig, data, *args, **kwargs)
 
 
 def infer_batch_with_weights(engine, orig, data, *args, peers: Peers | None = None, **kwargs):

@@ -20,3 +20,9 @@ HIDDEN_KEY = "shear_hidden"  # model_output only, never leaves the worker: neste
 # trainer_base._compute_old_log_prob): the old policy's token entropy at the rollout temperature,
 # response tokens only, [b, response_len_i].
 ENTROPY_KEY = "entropy"
+
+# OAR-G (baselines/oar_g.py): the old-log-prob pass's flag (JSON OarGSettings) and what the workers write.
+OAR_FLAG = "oar_g"
+OAR_SALIENCY_KEY = "oar_g_saliency"  # nested [b, response_len_i] float32: I_t on reasoning tokens, 0 elsewhere
+OAR_REASONING_KEY = "oar_g_reasoning"  # nested [b, response_len_i] float32: 1 on the reasoning tokens
+OAR_STATS_KEY = "oar_g_stats"  # [b, 3] float32: answer span found, answer marker found, seconds

@@ -26,7 +26,7 @@ from torch import nn
 
 from shear_verl._patching import UnsupportedVerlError
 from shear_verl.integration import engine_hooks
-from shear_verl.integration.fields import FLAG_KEY
+from shear_verl.integration.fields import FLAG_KEY, OAR_FLAG
 from shear_verl.integration.peer_split import Peers
 
 # megatron-core versions the capture is written for: [0.16, 0.18). Tested with 0.16.1 (the newest
@@ -208,6 +208,9 @@ def megatron_infer_batch(engine, orig, data, *args, **kwargs):
     """verl's infer_batch + the shared weights step; refuses unsupported configs on the flagged pass."""
     from verl.utils import tensordict_utils as tu
 
+    if tu.get_non_tensor_data(data=data, key=OAR_FLAG, default=None) is not None:
+        raise ValueError("algorithm.adv_estimator=oar_g supports the FSDP actor only (its input-gradient pass calls the "
+                         "HF model; untested on Megatron): use model_engine=dp")
     if tu.get_non_tensor_data(data=data, key=FLAG_KEY, default=None) is None:
         return orig(data, *args, **kwargs)
     check_engine_config(engine)

@@ -9,13 +9,15 @@ and the patched symbol first, and refuses with a message naming the supported ve
 |---|---|---|
 | ``v1.trainer_base.PPOTrainer.__init__`` | start-up checks (driver.validate_config): known ``adv_estimator``, no other method's ``algorithm.<name>.*``, the signal's needs; records the run's token signal | every run (checks); a token-signal estimator (the rest) |
 | ``PPOTrainer._balance_batch`` | whole GRPO groups per data-parallel rank | signals the workers compute per group (``shear``) |
-| ``PPOTrainer._compute_old_log_prob`` | the signal's worker flag on verl's old-log-prob pass; its fields kept out of later passes | worker-computed signals (``shear``) |
+| ``PPOTrainer._compute_old_log_prob`` | the signal's worker flag on verl's old-log-prob pass; its fields kept out of later passes | worker-computed signals (``shear``, ``oar_g``) |
 | ``PPOTrainer._compute_advantage`` | fetch the signal's fields, hand them to the estimator (signals.pending), log ``<name>/*`` | every token-signal estimator |
-| ``fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` | forward hook on the decoder (LM-head input) | flagged pass (``shear``) |
-| ``FSDPEngineWithLMHead.prepare_model_outputs`` | captured response rows next to ``log_probs`` | flagged pass |
-| ``FSDPEngineWithLMHead.infer_batch`` (inherited ``BaseEngine.infer_batch``) | SHEAR weights from the captured rows | flagged pass |
+| ``utils.config.validate_config`` | ``actor_rollout_ref.actor.hidden_align.*`` checked, and hidden from verl's ``ActorConfig`` (align_hooks.py) | every run (checks); ``hidden_align.coef > 0`` |
+| ``engine_workers.ActorRolloutRefWorker.init_model`` | the ``hidden_align`` section out of the actor config; the loss installed on the actor engine | a ``hidden_align`` section |
+| ``fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` | forward hook on the decoder (LM-head input); in the update pass, kept with grad and the Hidden-Align term added to verl's loss | flagged pass (``shear``); update pass (``hidden_align``) |
+| ``FSDPEngineWithLMHead.prepare_model_outputs`` | captured response rows next to ``log_probs`` (``shear``); packed rows with grad (``hidden_align``) | flagged pass; update pass |
+| ``FSDPEngineWithLMHead.infer_batch`` (inherited ``BaseEngine.infer_batch``) | SHEAR weights from the captured rows; OAR-G's input-gradient saliency (saliency.py) | flagged pass (``shear`` / ``oar_g``) |
 | ``megatron.transformer_impl.MegatronEngineWithLMHead.forward_step`` | ``decoder.final_layernorm`` capture, un-sharded (megatron_capture.py) | flagged pass, last stage |
-| ``MegatronEngineWithLMHead.infer_batch`` (inherited) | config refusals + SHEAR weights | flagged pass |
+| ``MegatronEngineWithLMHead.infer_batch`` (inherited) | config refusals + SHEAR weights; refuses ``oar_g`` | flagged pass |
 | ``vllm_rollout.utils.monkey_patch_compute_logits`` | skipped for pooling models (verl's server calls it on the reward model too, which has no ``compute_logits``) | a served reward model (``pure``, ``prm_reshape``) |
 """
 
@@ -111,6 +113,24 @@ def _steps(signal) -> tuple[str, ...]:
             *(("_compute_old_log_prob",) if signal.worker_flag else ()), "_compute_advantage")
 
 
+# ----------------------------------------------------------------------------- Hidden-Align (any estimator)
+def patch_config_validation(module) -> None:
+    """verl.utils.config.validate_config: Hidden-Align's start-up checks; its section hidden from verl."""
+    from shear_verl.integration import align_hooks
+
+    check_verl_version()
+    _wrap(module, "validate_config", ("config",),
+          lambda orig: lambda *args, **kwargs: align_hooks.validate_config(orig, *args, **kwargs))
+
+
+def patch_engine_workers(module) -> None:
+    """verl.workers.engine_workers.ActorRolloutRefWorker.init_model: Hidden-Align on the actor engine."""
+    from shear_verl.integration import align_hooks
+
+    check_verl_version()
+    _wrap(module.ActorRolloutRefWorker, "init_model", ("self",), _delegate(align_hooks.init_model))
+
+
 # ----------------------------------------------------------------------------- FSDP actor engine
 def patch_fsdp_engine(module) -> None:
     """verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead: hidden-state capture."""
@@ -125,7 +145,7 @@ def patch_fsdp_engine(module) -> None:
     # infer_batch is inherited from BaseEngine; wrap it on the LM-head engine only.
     if "infer_batch" not in cls.__dict__:
         cls.infer_batch = module.BaseEngine.infer_batch
-    _wrap(cls, "infer_batch", ("self", "data"), _delegate(engine_hooks.infer_batch_with_weights))
+    _wrap(cls, "infer_batch", ("self", "data"), _delegate(engine_hooks.fsdp_infer_batch))
 
 
 # ----------------------------------------------------------------------------- Megatron actor engine
@@ -170,6 +190,8 @@ def patch_vllm_rollout_utils(module) -> None:
 
 # ----------------------------------------------------------------------------- post-import hooks
 _HOOKS: dict[str, Callable] = {
+    "verl.utils.config": patch_config_validation,
+    "verl.workers.engine_workers": patch_engine_workers,
     "verl.trainer.ppo.v1.trainer_base": patch_trainer,
     "verl.workers.engine.fsdp.transformer_impl": patch_fsdp_engine,
     "verl.workers.engine.megatron.transformer_impl": patch_megatron_engine,

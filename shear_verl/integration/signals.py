@@ -37,6 +37,7 @@ class TokenSignal:
     missing_help: the error when the fields are absent (why, and what to check).
     reward_info: keys of the rollouts' reward extra info (verl's ``extra_fields`` column, one value
         per row, e.g. a PRM's step scores) added to the payload as lists in row order.
+    check: ``config -> None``, start-up refusals of set-ups the signal cannot run in (full config).
     """
 
     name: str
@@ -48,6 +49,7 @@ class TokenSignal:
     finish: Callable | None = None
     missing_help: str = ""
     reward_info: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None
 
 
 SIGNALS: dict[str, TokenSignal] = {}

@@ -24,11 +24,11 @@ from pathlib import Path
 import reward_fns.counting
 import reward_fns.tiny
 import shear_verl.cpu
+from shear_verl.baselines import BASELINES, PRM_BASELINES
 
 from .assets import TinyAssets, TinySpec, build_assets
 
-ADV_ESTIMATORS = ("grpo", "shear", "entropy_adv", "top_entropy", "pure", "prm_reshape")  # baselines: paper defaults
-PRM_ESTIMATORS = ("pure", "prm_reshape")  # served a tiny PRM (tiny/prm.py)
+ADV_ESTIMATORS = ("grpo", "shear", *BASELINES)  # baselines: their paper defaults
 REWARD_FNS = {"parity": reward_fns.tiny.__file__, "counting": reward_fns.counting.__file__}
 
 
@@ -169,7 +169,10 @@ def tiny_overrides(
                 f"+algorithm.shear.dump_groups={config.dump_groups}",
                 f"+algorithm.shear.dump_dir={workdir / 'credit'}",
             ]
-    if adv in PRM_ESTIMATORS:
+    if adv == "oar_g":
+        # the parity task's responses carry no answer marker: the last 4 response tokens are the answer
+        overrides += ["+algorithm.oar_g.no_marker=tail", "+algorithm.oar_g.tail_tokens=4"]
+    if adv in PRM_BASELINES:
         from .prm import build_tiny_prm, prm_overrides
 
         prm_dir = build_tiny_prm(assets.model_dir.parent, assets.model_dir)

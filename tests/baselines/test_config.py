@@ -23,6 +23,21 @@ def test_defaults_and_overrides_parse():
     assert validate_config(stock(["algorithm.adv_estimator=grpo"])) is None
 
 
+def test_oar_g_defaults_and_megatron_refused():
+    from shear_verl.baselines.oar_g import OarGSettings
+
+    assert validate_config(stock(["algorithm.adv_estimator=oar_g"])) == OarGSettings()
+    s = validate_config(stock(["algorithm.adv_estimator=oar_g", "+algorithm.oar_g.no_marker=tail",
+                               "+algorithm.oar_g.tail_tokens=4"]))
+    assert s == OarGSettings(no_marker="tail", tail_tokens=4)
+    with pytest.raises(ValueError, match="oar_g supports the FSDP actor only.*strategy=megatron"):
+        register_baselines()
+        with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+            cfg = compose(config_name="ppo_megatron_trainer",
+                          overrides=["actor_rollout_ref.rollout.n=4", "algorithm.adv_estimator=oar_g"])
+        validate_config(cfg)
+
+
 def test_package_yaml_with_another_method_keeps_shears_defaults_quiet():
     register_baselines()
     with initialize_config_module(config_module="shear_verl.config", version_base=None):
@@ -41,6 +56,15 @@ def test_package_yaml_with_another_method_keeps_shears_defaults_quiet():
     (["algorithm.adv_estimator=top_entropy", "algorithm.rollout_correction.bypass_mode=true"],
      "algorithm.adv_estimator=top_entropy needs verl's old-log-prob pass .*entropy.*bypass_mode=false"),
     (["algorithm.adv_estimator=entropy_adv", "actor_rollout_ref.rollout.n=1"], "rollout.n=1"),
+    (["algorithm.adv_estimator=oar_g", "+algorithm.oar_g.tau=1.5"], "algorithm.oar_g.tau must be in"),
+    (["algorithm.adv_estimator=oar_g", "+algorithm.oar_g.target=first"], "algorithm.oar_g.target must be one of"),
+    (["algorithm.adv_estimator=oar_g", "+algorithm.oar_g.noise_std=0"], "algorithm.oar_g.noise_std must be > 0"),
+    (["algorithm.adv_estimator=oar_g", "+algorithm.oar_g.taus=0.3"], "unknown key.*algorithm.oar_g.taus"),
+    (["algorithm.adv_estimator=grpo", "+algorithm.oar_g.beta=2"], "algorithm.oar_g.beta configure"),
+    (["algorithm.adv_estimator=oar_g", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
+     "oar_g does not support Ulysses.*ulysses_sequence_parallel_size=2"),
+    (["algorithm.adv_estimator=oar_g", "actor_rollout_ref.model.use_fused_kernels=true"],
+     "actor_rollout_ref.model.use_fused_kernels=true"),
 ])
 def test_bad_configuration_stops_naming_the_setting(overrides, message):
     with pytest.raises(ValueError, match=message):

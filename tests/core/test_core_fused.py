@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from shear_verl.core.ot import fused
-from shear_verl.core.ot.anderson import Anderson
+from shear_verl.core.ot.anderson import AndersonSinkhorn
 
 FLOAT32_ULP = np.finfo(np.float32).eps  # 2^-23
 
@@ -63,10 +63,10 @@ def test_a_row_that_vanishes_reaches_the_check_as_infinite():
     kernel = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(2)) + 0.5  # [NB=1, g, g]
     kernel[0, 2] = 0.0
     tiles = torch.zeros(1, 1, 1, dtype=torch.long)  # one problem: the block itself
-    u = torch.zeros(1, 4)
+    accel = AndersonSinkhorn(1, 4, 5, 0.25, 0.25, torch.zeros(1, 4))
+    u = accel.u  # [1, 4] log row scalings, updated in place by the kernel
     alpha, k_t_alpha, row = torch.ones_like(u), torch.empty_like(u), torch.empty_like(u)
-    accel = Anderson(1, 4, 5, u)
-    fused.advance(kernel, tiles, u, alpha, k_t_alpha, row, accel, 1, True, 1e-6, 1e-6)  # the first half-steps
+    fused.advance(kernel, tiles, alpha, k_t_alpha, row, accel, 1, True, 1e-6, 1e-6)  # the first half-steps
     assert row[0, 2] == 0 and torch.isfinite(u).all()
-    fused.advance(kernel, tiles, u, alpha, k_t_alpha, row, accel, 1, False, 1e-6, 1e-6)
+    fused.advance(kernel, tiles, alpha, k_t_alpha, row, accel, 1, False, 1e-6, 1e-6)
     assert not torch.isfinite(u[0, 2])  # inf, or NaN by Anderson's inf * 0: either way lost at the check

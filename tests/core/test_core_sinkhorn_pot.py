@@ -9,7 +9,7 @@ import torch
 
 from shear_verl.core.ot import RunningMinima, sinkhorn_transport_cost, tiled_sinkhorn_transport_cost, w1_dual_bound
 from shear_verl.core.ot.anderson import Anderson
-from shear_verl.core.ot.sinkhorn import adapt_relaxation
+from shear_verl.core.ot.relaxation import adapt_relaxation
 from shear_verl.core.ot.tiling import DENSE_BELOW, Tiling, kernel_products
 
 DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shear_verl.core import ShearConfig, ShearStats, group_token_weights
-from shear_verl.core import weights as engine
+from shear_verl.core import span_distances as engine
 
 DEVICE = torch.device(os.environ.get("SHEAR_TEST_DEVICE", "cpu"))  # e.g. SHEAR_TEST_DEVICE=cuda: inputs on a GPU
 

@@ -91,6 +91,7 @@ def main(out_path: str) -> None:
         },
         out_path,
     )
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 

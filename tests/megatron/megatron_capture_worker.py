@@ -14,6 +14,8 @@ engine: a tiny megatron-core GPTModel (local layer spec, CPU init; TP = world si
   BSHD forward + log-prob processor -> verl's micro-batch merge and dynamic-batch restore. THD
   needs TransformerEngine attention (GPU), so the engine runs BSHD; THD is in `unshard`.
   Reference: each sequence run alone through the plain model.
+  split: the same engine's flagged pass through `megatron_infer_batch` (weights split among the
+  TP group), recording each rank's stash.
 """
 
 import os
@@ -171,6 +173,33 @@ def reference(model, ids, tp: int) -> dict:
     return {"norm_shards": norm_out, "logits_shards": logits}
 
 
+def run_split(engine, raw_infer) -> dict:
+    """The weights step split among the TP group (megatron_peers), through `megatron_infer_batch`
+    with verl's own infer_batch as `orig`, wrapped to record what this rank stashed in the pass."""
+    from shear_verl.integration.capture import HIDDEN_KEY
+    from shear_verl.integration.megatron_capture import megatron_infer_batch, megatron_peers
+
+    seen = {}
+
+    def recording_infer(d, *args, **kwargs):
+        res = raw_infer(engine, d, *args, **kwargs)
+        mo = res["model_output"]
+        seen["stash_rows"] = [t.shape[0] for t in mo[HIDDEN_KEY].unbind()] if HIDDEN_KEY in mo else None
+        return res
+
+    data, _ = make_batch(dynamic=True, flag=True)
+    res = megatron_infer_batch(engine, recording_infer, data)
+    peers = megatron_peers(engine)
+    return {
+        "stash_rows": seen["stash_rows"],
+        "share_after": getattr(engine, "_shear_share", None),
+        "peers": (peers.rank, peers.size, peers.has_rows, peers.collects),
+        "uids": [str(u) for u in data["uid"]],
+        "output": {k: (list(v.unbind()) if getattr(v, "is_nested", False) else v)
+                   for k, v in res["model_output"].items()},
+    }
+
+
 def run_engine(tp: int) -> dict:
     import verl.workers.engine.megatron.transformer_impl as impl
     from megatron.core import parallel_state as mpu
@@ -198,6 +227,7 @@ def run_engine(tp: int) -> dict:
     res = engine.infer_batch(data)
     out["weighted"] = {k: (list(v.unbind()) if getattr(v, "is_nested", False) else v)
                        for k, v in res["model_output"].items()}
+    out["split"] = run_split(engine, raw_infer)
     plain, _ = make_batch(dynamic=True, flag=False)
     res = engine.infer_batch(plain)
     out["plain"] = {"keys": sorted(res["model_output"]), "log_probs": list(res["model_output"]["log_probs"].unbind())}

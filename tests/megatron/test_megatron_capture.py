@@ -83,3 +83,44 @@ def check_tp_group(results):
             torch.testing.assert_close(got[WEIGHTS_KEY][i][masks[i]], w, rtol=1e-3, atol=1e-5)
             assert torch.all(got[WEIGHTS_KEY][i][~masks[i]] == 0)
     assert got[STATS_KEY].shape == (len(LENGTHS), len(STATS_COLUMNS)) and got[STATS_KEY][:, 0].sum() > 0
+
+
+def test_megatron_tp_group_splits_the_weights(world2):
+    """TP=2: each TP peer computes the weights of its own groups from its own (gathered) rows and
+    keeps only those rows; the collecting rank's weights are those of the single-rank path."""
+    from shear_verl.integration.worker import COL, compute_batch_weights
+
+    runs = [r["engine"][2] for r in world2]
+    split = [r["split"] for r in runs]
+    assert [s["peers"] for s in split] == [(0, 2, True, True), (1, 2, True, False)]
+    uids, masks = split[0]["uids"], [m.bool() for m in runs[0]["response_mask"]]
+
+    # Each peer stashed exactly its share's rows (whole groups), every group on one peer, none idle.
+    owner: dict[str, int] = {}
+    for rank, s in enumerate(split):
+        kept = {u for u, n in zip(uids, s["stash_rows"]) if n > 0}
+        assert kept, f"TP rank {rank} computed no group"
+        for i, (u, n) in enumerate(zip(uids, s["stash_rows"])):
+            assert n == (masks[i].shape[0] if u in kept else 0), f"TP rank {rank} row {i}"
+            if u in kept:
+                assert owner.setdefault(u, rank) == rank, f"group {u} stashed on two peers"
+        # After the pass no rank holds captured rows or a share.
+        assert HIDDEN_KEY not in s["output"] and s["share_after"] is None
+    assert set(owner) == set(uids)
+    assert set(split[1]["output"]) == {"log_probs"}  # weights returned once per TP group
+    out = split[0]["output"]
+    assert set(out) == {"log_probs", WEIGHTS_KEY, STATS_KEY}
+
+    # Single-rank path: compute_batch_weights on every row the collecting rank captured (unsplit pass).
+    src_rows = runs[0]["raw_dynamic=True"]["hidden"]
+    scores = torch.tensor([float(i % 2) for i in range(len(LENGTHS))])  # the worker's rm_scores
+    settings = ShearSettings.from_json(runs[0]["settings"])
+    single, single_stats = compute_batch_weights(src_rows, runs[0]["response_mask"], scores, uids, settings)
+    for i, (got, want) in enumerate(zip(out[WEIGHTS_KEY], single)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"row {i}")
+    counters = [COL[c] for c in ("sinkhorn_solves", "candidate_pairs", "n_bar_sum")]
+    torch.testing.assert_close(out[STATS_KEY][:, counters], single_stats[:, counters], rtol=0, atol=0)
+    for u, rank in owner.items():  # the group's stats row names the peer that computed it
+        first = uids.index(u)
+        assert out[STATS_KEY][first, COL["rank"]].item() == rank
+        assert out[STATS_KEY][first, COL["sinkhorn_solves"]].item() > 0

@@ -76,17 +76,56 @@ def test_shear_math_dry_run_carries_the_paper_settings(run_cmd, repo):
     assert code["reward.custom_reward_function.path"] == str(repo / "reward_fns" / "code.py")
 
 
+PRM_PREFIXES = ("reward.reward_model.", "+reward.reward_model.", "reward.reward_manager.", "+reward.reward_kwargs.")
+
+
+def method_free(overrides: list[str]) -> list[str]:
+    """The command without its method: the estimator line, the method's own section and the PRM
+    the PRM baselines are served (recipes/common.sh: prm_args)."""
+    return [o for o in overrides
+            if not o.startswith(("algorithm.adv_estimator=", "+algorithm.shear.", *PRM_PREFIXES))]
+
+
 @pytest.mark.parametrize("task", ["math", "code"])
-def test_grpo_twin_differs_in_the_estimator_alone(run_cmd, repo, task):
+def test_grpo_twin_differs_in_the_method_alone(run_cmd, repo, task):
     fixed = {"EXPERIMENT_NAME": "run"}  # else the derived run name / output dir differ too
     shear = overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", **fixed))
     grpo = overrides_of(dry_run_argv(run_cmd, repo, f"run_grpo_{task}.sh", **fixed))
-    assert len(shear) == len(grpo)
-    assert [(a, b) for a, b in zip(shear, grpo) if a != b] == [
-        ("algorithm.adv_estimator=shear", "algorithm.adv_estimator=grpo")
-    ]
+    assert "algorithm.adv_estimator=shear" in shear and "algorithm.adv_estimator=grpo" in grpo
+    assert any(o.startswith("+algorithm.shear.") for o in shear)
+    assert not any(o.startswith("+algorithm.shear.") for o in grpo)  # only the active method's keys
+    assert method_free(shear) == method_free(grpo)
     derived = as_dict(overrides_of(dry_run_argv(run_cmd, repo, f"run_grpo_{task}.sh")))
     assert derived["trainer.experiment_name"].endswith(f"-{task}-grpo-seed42")
+
+
+@pytest.mark.parametrize("task", ["math", "code"])
+def test_adv_knob_runs_every_baseline_through_the_same_recipe(run_cmd, repo, task):
+    from shear_verl.baselines import BASELINES, PRM_BASELINES, register_baselines
+    from shear_verl.baselines.hidden_align import check_config as check_hidden_align
+    from shear_verl.integration.driver import validate_config
+
+    register_baselines()  # what the plugin does in every verl process
+
+    fixed = {"EXPERIMENT_NAME": "run", "SHEAR_EPSILON_MODE": "absolute"}  # a SHEAR knob left in the environment
+    reference = method_free(overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", **fixed)))
+    for name in BASELINES:
+        cmd = overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV=name, **fixed))
+        assert as_dict(cmd)["algorithm.adv_estimator"] == name
+        assert method_free(cmd) == reference, name
+        prm = [o for o in cmd if o.startswith(PRM_PREFIXES)]
+        assert bool(prm) == (name in PRM_BASELINES), name  # a served PRM for the PRM baselines only
+        config = compose_verl_config(cmd)
+        validate_config(config)  # our start-up checks (registered name, no other method's keys, the PRM) pass
+    named = as_dict(overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV=BASELINES[0])))
+    assert named["trainer.experiment_name"].endswith(f"-{task}-{BASELINES[0]}-seed42")
+    # Hidden-Align is a loss on top of any method: one environment knob, accepted by verl's validation
+    aligned = overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV="grpo", HIDDEN_ALIGN_COEF="0.1",
+                                        **fixed))
+    assert as_dict(aligned)["+actor_rollout_ref.actor.hidden_align.coef"] == "0.1"
+    config = compose_verl_config(aligned)
+    validate_config(config)
+    assert check_hidden_align(config).coef == 0.1  # what the plugin runs before verl's own validate_config
 
 
 def test_environment_knobs_and_passed_through_overrides(run_cmd, repo):
@@ -161,13 +200,16 @@ def test_composed_config_passes_verl_validation(run_cmd, repo, recipe):
 
     # the typed configs verl builds from these nodes (from their _target_, as the trainer does)
     algorithm = OmegaConf.to_container(config.algorithm)
-    shear_node = algorithm.pop("shear")
+    shear_node = algorithm.pop("shear", None)
     algo = omega_conf_to_dataclass(OmegaConf.create(algorithm))
     assert isinstance(algo, AlgoConfig) and algo.adv_estimator == ("grpo" if "grpo" in recipe else "shear")
     assert algo.kl_ctrl.kl_coef == 0
-    # algorithm.shear.* is read by the SHEAR integration (verl itself never converts `algorithm`)
-    settings = settings_from_algorithm(config.algorithm)
-    assert (settings.engine.span_len, settings.engine.stride) == (100, 25) == (shear_node["span_len"], shear_node["stride"])
+    if "grpo" in recipe:
+        assert shear_node is None  # only the active method's keys
+    else:
+        # algorithm.shear.* is read by the SHEAR integration (verl itself never converts `algorithm`)
+        settings = settings_from_algorithm(config.algorithm)
+        assert (settings.engine.span_len, settings.engine.stride) == (100, 25) == (shear_node["span_len"], shear_node["stride"])
     rollout = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
     assert isinstance(rollout, RolloutConfig)
     assert (rollout.n, rollout.temperature, rollout.val_kwargs.temperature, rollout.response_length) == (8, 1.0, 0.1, 3072)
@@ -193,3 +235,4 @@ def test_model_and_reward_function_load_as_verl_loads_them(run_cmd, repo, task, 
         result = score(data_source="x", solution_str="```python\nprint(int(input()) + 1)\n```",
                        ground_truth='{"inputs": ["1\\n"], "outputs": ["2\\n"]}')
     assert result["score"] == 1.0
+

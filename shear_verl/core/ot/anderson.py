@@ -1,9 +1,13 @@
 """Anderson acceleration of Sinkhorn's row-potential iteration, batched over problems (torch).
 
-The tiled solver's acceleration; its numba twin is ``fused._advance`` (same step, per problem).
+The tiled solver's acceleration (``AndersonSinkhorn``: the ``rows`` and ``cols`` of
+``iteration.sinkhorn_iterations``); its numba twin is ``fused._advance`` (the same step per problem,
+in host memory, on this object's arrays).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,7 +27,7 @@ class Anderson:
     squares (Scieur, d'Aspremont & Bach 2016, "Regularized nonlinear acceleration": a ridge on the
     Gram matrix dR dR^T) keeps the steps finite when residuals become nearly parallel. Why here: on
     SHEAR's span problems Sinkhorn's error falls at a few slow rates that a handful of past residuals
-    capture, so it takes 2-3x fewer iterations than over-relaxed Sinkhorn at its best factor. With
+    capture, so it takes fewer iterations than over-relaxed Sinkhorn (docs/benchmarks.md). With
     memory 0, or for problems ``fall_back`` was called on, the step is the plain iteration u + r.
     """
 
@@ -69,3 +73,28 @@ class Anderson:
         self.d_r, self.d_ur, self.gram, self.plain = self.d_r[keep], self.d_ur[keep], self.gram[keep], self.plain[keep]
         if self.last is not None:
             self.last = (self.last[0][keep], self.last[1][keep])
+
+
+class AndersonSinkhorn(Anderson):
+    """Anderson acceleration of Sinkhorn's row potential u = log alpha [P, n] for k problems with
+    uniform marginals a and b: the fixed-point map is G(u) = log a - log K(b / K^T e^u), i.e. a plain
+    row step after an exact column step, so ``rows`` takes the residual log a - log(alpha * K beta)
+    and ``cols`` is Sinkhorn's column step, whose marginal is then exact."""
+
+    def __init__(self, problems: int, size: int, memory: int, a: float, b: float, like: torch.Tensor):
+        super().__init__(problems, size, memory, like)
+        self.log_a, self.b = math.log(a), b
+        self.u = like.new_zeros(problems, size)  # [P, n] log row scalings
+
+    def rows(self, alpha: torch.Tensor, k_beta: torch.Tensor) -> torch.Tensor:
+        """exp of Anderson's step on u from the residual G(u) - u = log a - log(alpha * K beta)."""
+        self.u = self.step(self.u, self.log_a - (alpha * k_beta).log())
+        return self.u.exp()
+
+    def cols(self, beta: torch.Tensor, k_t_alpha: torch.Tensor) -> torch.Tensor:
+        """b / K^T alpha (beta unused: the step is exact)."""
+        return self.b / k_t_alpha
+
+    def select(self, keep: torch.Tensor) -> None:
+        super().select(keep)
+        self.u = self.u[keep]

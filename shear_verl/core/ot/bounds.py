@@ -1,7 +1,11 @@
 """Lower bounds on span-pair transport costs, for exact pruning (docs/method.md, "Exact pruning").
 
-W_eps = <P_eps, C> >= W1 >= any Kantorovich dual objective, so a pair whose dual bound reaches the
-minima it could lower is skipped without changing a weight. ``RunningMinima`` holds those minima.
+W_eps = <P_eps, C> >= W1 (the entropic plan is a coupling) >= any Kantorovich dual objective, so a
+pair whose bound reaches the minima it could lower is skipped without changing a weight. Before any
+solve: the mean bound and the nearest-neighbour bounds (Kantorovich-Rubinstein: W1(P, Q) >=
+E_P f - E_Q f for any 1-Lipschitz f, uniform measures, Euclidean cost). During the tiled solver's
+iterations: the dual bound of its row potentials (``raise_dual_bound``). ``RunningMinima`` holds the
+minima.
 """
 
 from __future__ import annotations
@@ -12,11 +16,45 @@ import torch
 
 from shear_verl.core.ot import fused
 from shear_verl.core.ot.tiling import Tiling
+from shear_verl.core.spans import window_reduce
 
 # Hard minus soft c-transform bound, per column: between 0 and eps log n. Problems whose soft bound is
 # further below their threshold than this many eps are left running without the costly hard bound
 # (the measured spread: docs/benchmarks.md, "Tuning history").
 HARD_BOUND_REACH = 1.5
+
+
+def mean_bound(means_x: torch.Tensor, means_y: torch.Tensor) -> torch.Tensor:
+    """||mean_P - mean_Q||_2 <= W1 of every span pair, from the span means [K_x, d], [K_y, d]. [K_x, K_y]
+
+    f(x) = <u, x> with u the unit vector along mean_P - mean_Q is 1-Lipschitz, and E_P f - E_Q f is
+    the distance of the means."""
+    return torch.cdist(means_x, means_y)
+
+
+def mean_nearest_neighbour(dist: torch.Tensor, starts_x: list[int], n: int, starts_y: list[int], m: int,
+                           stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed mean nearest-neighbour distances between every span of x and every span of y.
+
+    dist: [T_x, T_y]. Returns (x_to_y, y_to_x), both [K_x, K_y]:
+    x_to_y[k, l] = mean over x in span k of min over y in span l of ||x - y||.
+    """
+    nn_x = window_reduce(dist, 1, starts_y, m, stride, "amin")  # [T_x, K_y]
+    x_to_y = window_reduce(nn_x, 0, starts_x, n, stride, "mean")  # [K_x, K_y]
+    nn_y = window_reduce(dist, 0, starts_x, n, stride, "amin")  # [K_x, T_y]
+    y_to_x = window_reduce(nn_y, 1, starts_y, m, stride, "mean")  # [K_x, K_y]
+    return x_to_y, y_to_x
+
+
+def nearest_neighbour_bound(dist: torch.Tensor, starts_x: list[int], n: int, starts_y: list[int], m: int,
+                            stride: int) -> torch.Tensor:
+    """max of the two directed mean nearest-neighbour distances <= W1 of every span pair. [K_x, K_y]
+
+    f(x) = distance from x to the support of Q is 1-Lipschitz and 0 on Q, so E_P f - E_Q f is the
+    mean nearest-neighbour distance from P to Q (and symmetrically); read off the pair's token
+    distances dist [T_x, T_y], usually much tighter than the mean bound."""
+    x_to_y, y_to_x = mean_nearest_neighbour(dist, starts_x, n, starts_y, m, stride)
+    return torch.maximum(x_to_y, y_to_x)
 
 
 def w1_dual_bound(blocks: torch.Tensor, tiles: torch.Tensor, f: torch.Tensor,

@@ -7,11 +7,11 @@ check at once, its kernel written out (w x w, 40 KB at w = 100) in the core's ca
 the first iteration whose marginal error is below the tolerance instead of at the next check. No
 library provides this loop: POT's ``ot.batch`` runs batched torch operations like the torch backend, and torch.compile cannot fuse the
 per-problem loop with the solve of Anderson's small system. The iterations are the torch path's
-(``anderson.Anderson`` and the Sinkhorn half-steps), in the problems' dtype, so the fixed point and
-the stopping test are unchanged; only the order of the floating-point sums differs. Measured on a
-trained LM's and synthetic span problems (w = 100, float32, 2 cores): ~0.8 us per problem and
-iteration against ~2.0 us for the torch path, and the whole engine 1.8-3.2x faster on the
-12 groups of ``scripts/bench_weights.py`` (synthetic and captured states).
+(``iteration.sinkhorn_iterations`` with ``anderson.AndersonSinkhorn``), in the problems' dtype, so
+the fixed point and the stopping test are unchanged; only the order of the floating-point sums
+differs. Why not that loop with numba's kernel products passed in: its per-step torch operations
+(Anderson's step, the exp and log) cost more than the products (``scripts/bench_iteration.py``,
+docs/benchmarks.md).
 
 GPU tensors take the torch backend (``tiled``, ``backend``), which is already batched there.
 """
@@ -28,7 +28,10 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 # Reassociation (vectorised sums) and fused multiply-adds, but not fastmath's "no NaN / no inf":
-# a problem whose scalings overflow must reach the check with its NaN or inf intact.
+# a problem whose scalings overflow must reach the check with its NaN or inf intact. For the same
+# reason the kernels use numba's numpy error model: with the default (Python's), a kernel sum that
+# underflows to 0 at a small epsilon raised ZeroDivisionError in `b / K^T alpha` instead of giving
+# the inf that hands the problem to the float64 / per-problem path.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
@@ -116,7 +119,7 @@ def _match_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered through ``advance``)
     """Solve one small system (Anderson's m x m, regularised) by Gaussian elimination with partial
     pivoting; rhs [m] becomes the solution. torch.linalg.solve_ex solves the batch in the torch path."""
@@ -142,7 +145,7 @@ def _solve_in_place(system, rhs):  # pragma: no cover - compiled (covered throug
         rhs[k] = total / system[k, k]
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: no cover - compiled
     """Sinkhorn's half-steps of one problem from its row scaling alpha [n]: K^T alpha (row by row, as
     contiguous axpys), beta = b / K^T alpha (b = a) and the row marginal alpha * K beta, in place."""
@@ -160,7 +163,7 @@ def _steps_from_alpha(dense, alpha, k_t_alpha, beta, row, a, tiny):  # pragma: n
         row[i] = alpha[i] * total
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur, gram, plain,
              steps, start, first_step, a, log_a, tol, ridge, tiny, huge, exp_low, exp_high):  # pragma: no cover
     """Up to ``steps`` iterations of every problem p (numba prange), in place: Anderson's step on
@@ -170,7 +173,7 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
 
     kernel [NB, g, g] block kernels, tiles [P, L, L] block ids; u, alpha, k_t_alpha, row [P, n] the
     state after an iteration; Anderson's last_u, last_r [P, n], d_r, d_ur [P, m, n], gram [P, m, m],
-    plain [P] (``sinkhorn.Anderson``, whose step counter is ``first_step``)."""
+    plain [P] (``anderson.Anderson``, whose step counter is ``first_step``)."""
     P, L, _ = tiles.shape
     g = kernel.shape[1]
     n = L * g
@@ -248,12 +251,13 @@ def _advance(kernel, tiles, u, alpha, k_t_alpha, row, last_u, last_r, d_r, d_ur,
             _steps_from_alpha(dense, alpha[p], k_t_alpha[p], beta, row[p], a, tiny)
 
 
-def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor,
-            k_t_alpha: torch.Tensor, row: torch.Tensor, accel, steps: int, start: bool, tol: float,
-            ridge: float) -> None:
+def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, alpha: torch.Tensor, k_t_alpha: torch.Tensor,
+            row: torch.Tensor, accel, steps: int, start: bool, tol: float, ridge: float) -> None:
     """``steps`` iterations of the tiled solver for the problems tiles [P, L, L] on host tensors, in
-    place (u, alpha, k_t_alpha, row [P, n] and ``accel``, an ``anderson.Anderson``; ``start``: the first
-    is the half-steps from alpha alone); problems whose marginal error falls below ``tol`` stop there."""
+    place (alpha, k_t_alpha, row [P, n] and ``accel``, an ``anderson.AndersonSinkhorn`` holding u;
+    ``start``: the first is the half-steps from alpha alone); problems whose marginal error falls below
+    ``tol`` stop there."""
+    u = accel.u
     n = u.shape[1]
     if accel.last is None:  # the kernel keeps Anderson's last iterate and residual in these
         accel.last = (torch.empty_like(u), torch.empty_like(u))
@@ -267,7 +271,7 @@ def advance(kernel_all: torch.Tensor, tiles: torch.Tensor, u: torch.Tensor, alph
     accel.steps += steps - start
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _c_transform(costs, tiles, f, of_columns, out):  # pragma: no cover - compiled
     """out = f^c per problem p (numba prange): from f [P, L, g] on the rows, out(y) = min_x C(x, y) - f(x)
     on the columns; ``of_columns``: from f on the columns, out(x) = min_y C(x, y) - f(y) on the rows.
@@ -299,7 +303,7 @@ def c_transform(costs: torch.Tensor, tiles: torch.Tensor, f: torch.Tensor, of_co
     return out
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _transport_costs(weighted, tiles, alpha, beta, out):  # pragma: no cover - compiled
     """out[p] = <P, C> = sum_ij alpha_i K_ij C_ij beta_j of every problem p (numba prange): weighted
     [NB, g, g] the blocks of K * C, tiles [P, L, L] block ids, alpha and beta [P, n] its scalings."""

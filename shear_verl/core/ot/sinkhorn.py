@@ -24,18 +24,11 @@ Speed by design (the fixed point is unchanged; only the path to it and when it i
   kernels stay in cache for all their iterations instead of streaming a large batch from memory on
   every iteration; a problem that converges leaves its slot at the next check and the next queued
   problem takes it, so the block stays full and the per-call overhead is shared.
-- Over-relaxation (Thibault, Chizat, Dossal, Papadakis 2017, "Overrelaxed Sinkhorn-Knopp
-  algorithm for regularized optimal transport"): u <- u + omega (u_sinkhorn - u), same for v,
-  omega = 1.7 to start with: same fixed point, ~4x fewer iterations on SHEAR's span problems. At
-  every check each problem's factor is raised towards the SOR optimum its observed convergence
-  rate implies (``adapt_relaxation``), which shortens the tail of slow problems (on a trained LM's
-  span problems: 99 % quantile of the iterations 224-456 -> 96-160); one whose marginal error more
-  than doubled between two checks continues with omega = 1 for good (plain Sinkhorn, whose
-  convergence is guaranteed). Because a relaxed u-step leaves the rows inexact, the stopping test
-  requires both marginal errors < tol (POT's test is the columns only, its rows being exact).
+- Adaptive over-relaxation (``relaxation.OverRelaxation``) of the iteration written once in
+  ``iteration.sinkhorn_iterations``. Because a relaxed step leaves its marginal inexact, the stopping
+  test requires both marginal errors < tol (POT's test is the columns only, its rows being exact).
 - Mat-vecs as row-vector products (bmm of [k, 1, n] by [k, n, m]) with a transposed copy of the
-  kernel for K beta: on CPU a column-vector bmm ([k, n, m] by [k, m, 1]) was ~7x and a broadcast
-  multiply plus a sum ~2.6x slower (64 problems of 100 x 100).
+  kernel for K beta (docs/benchmarks.md, "Tuning history").
 """
 
 from __future__ import annotations
@@ -44,40 +37,13 @@ import math
 
 import torch
 
-_MAX_LOG_SCALING = 40.0  # worst-case growth of |log alpha|, |log beta| between two checks
-_ABSORB_LOG_SCALING = 30.0  # absorb when a scaling exceeds this (30 + 40 < 87, float32's exp range)
+from shear_verl.core.ot.iteration import sinkhorn_iterations
+from shear_verl.core.ot.relaxation import DEFAULT_OMEGA, MAX_OMEGA, OverRelaxation
+
+_MAX_LOG_SCALING = 48.0  # worst-case growth of |log alpha|, |log beta| between two checks
+_ABSORB_LOG_SCALING = 30.0  # absorb when a scaling exceeds this (30 + 48 < 87, float32's exp range)
 _MIN_ROW_SUM = 1e-20  # below this the one-exp first iteration falls back to logsumexp
-DEFAULT_OMEGA = 1.7  # starting over-relaxation factor (1 = plain Sinkhorn throughout); see the module docstring
 DEFAULT_BLOCK = 64  # problems iterated together (64 x 100 x 100 float32 kernels = 2.6 MB: L2/L3-resident)
-# Adaptive over-relaxation (``adapt_relaxation``): the largest factor it sets, and the growth of the
-# marginal error between two checks taken for divergence (growth below it is the oscillation of a
-# factor above the optimum). The tiled solver's Anderson acceleration falls back to plain Sinkhorn
-# on the same growth. Chosen on a trained LM's span problems: docs/benchmarks.md, "Tuning history".
-MAX_OMEGA = 1.9
-DIVERGENCE = 2.0
-
-
-def adapt_relaxation(relax: torch.Tensor, err: torch.Tensor, last_err: torch.Tensor, steps: int) -> torch.Tensor:
-    """Each problem's over-relaxation factor for its next iterations ([k, 1, 1]) from its marginal
-    errors at its last two checks ([k]), ``steps`` iterations apart.
-
-    Near the fixed point over-relaxed Sinkhorn behaves like SOR on a 2-cyclic system (Young 1954;
-    Thibault et al. 2017, Sec. 3): with plain Sinkhorn's local rate eta, a factor omega below the
-    optimum omega* = 2 / (1 + sqrt(1 - eta)) contracts the error by lambda > omega - 1 per iteration,
-    (lambda + omega - 1)^2 = lambda omega^2 eta. The observed lambda thus gives eta, and omega is raised
-    to omega* (at most ``MAX_OMEGA``): problems with nearly degenerate plans (eta near 1) need
-    factors near 2, where a fixed factor leaves a long tail of slow problems. A problem whose error
-    grew more than ``DIVERGENCE`` times since its last check continues with omega = 1 for good: plain
-    Sinkhorn, whose convergence is guaranteed. A factor of 1 is never raised (omega = 1 from the start
-    runs POT's plain iterations).
-    """
-    ratio = (err / last_err)[:, None, None]  # [k, 1, 1]; 0 at a problem's first check (last_err = inf)
-    rate = ratio.clamp(min=1e-30).pow(1.0 / steps)  # lambda per iteration
-    eta = ((rate + relax - 1).square() / (rate * relax.square())).clamp(max=1.0)
-    optimal = (2 / (1 + torch.sqrt(1 - eta))).clamp(max=MAX_OMEGA)
-    raise_to = (ratio > 0) & (ratio < 1) & (rate > relax - 1) & (relax > 1)  # the formula's range
-    relax = torch.where(raise_to, torch.maximum(relax, optimal), relax)
-    return torch.where(ratio > DIVERGENCE, 1.0, relax)
 
 
 def _cycle_length(n: int, m: int, omega: float = 1.0) -> int:
@@ -93,6 +59,11 @@ def _k_t_alpha(kernel: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def _k_beta(kernel_t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """K beta per problem from K^T ([k, m, n], contiguous), [k, m, 1] -> [k, 1, n], as beta^T K^T."""
     return torch.bmm(beta.transpose(1, 2), kernel_t)
+
+
+def _dense_products(kernel: torch.Tensor, kernel_t: torch.Tensor) -> tuple:
+    """(beta -> K beta, alpha -> K^T alpha) of the written-out kernels [k, n, m] and their transposes."""
+    return (lambda beta: _k_beta(kernel_t, beta)), (lambda alpha: _k_t_alpha(kernel, alpha))
 
 
 def sinkhorn_transport_cost(
@@ -144,32 +115,25 @@ def sinkhorn_transport_cost(
     queue = slot.shape[0]  # next problem not yet started
     neg, u, v, kernel = start(slot)
     k = slot.shape[0]
-    alpha, beta = kernel.new_ones(k, 1, n), kernel.new_ones(k, m, 1)
-    relax = kernel.new_full((k, 1, 1), omega)
-    last_err = kernel.new_full((k,), math.inf)
-    iters = torch.ones(k, dtype=torch.long, device=device)  # the log-domain step counts as one
     kernel_t = kernel.transpose(1, 2).contiguous()  # [k, m, n]
-    k_beta = _k_beta(kernel_t, beta)  # [k, 1, n]
+    products = _dense_products(kernel, kernel_t)
+    accel = OverRelaxation(k, omega, a, b, kernel)
+    # The scalings (alpha, beta) [k, 1, n], [k, m, 1] of the plan diag(alpha) K diag(beta); K beta = a
+    # [k, 1, n] makes the first row step leave alpha = 1 exactly (a / a = 1): it starts at the column step.
+    alpha, beta, k_beta = kernel.new_ones(k, 1, n), kernel.new_ones(k, m, 1), kernel.new_full((k, 1, n), a)
+    iters = torch.ones(k, dtype=torch.long, device=device)  # the log-domain step counts as one
     while True:
         # Run to the next check: `cycle` iterations, or fewer if a problem reaches max_iter sooner.
-        # Over-relaxed scaling steps: beta <- beta (b / col)^omega, alpha <- alpha (a / row)^omega
-        # (log domain: v <- v + omega (v_sinkhorn - v)); omega = 1 is POT's step.
-        steps = max(0, min(cycle, max_iter - int(iters.max())))
-        for _ in range(steps):
-            k_t_alpha = _k_t_alpha(kernel, alpha)
-            beta = beta * (b / (beta * k_t_alpha)).pow_(relax)
-            k_beta = _k_beta(kernel_t, beta)
-            alpha = alpha * (a / (alpha * k_beta)).pow_(relax)
+        steps = max(1, min(cycle, max_iter - int(iters.max())))
+        alpha, beta, k_t_alpha, k_beta = sinkhorn_iterations(*products, accel, alpha, beta, k_beta, steps)
         iters += steps
-        k_t_alpha = _k_t_alpha(kernel, alpha)  # [k, m, 1]
         # Marginal errors of diag(alpha) K diag(beta): columns (POT's test), and rows, which are
         # exact after a plain u-step but not after an over-relaxed one.
         err = torch.maximum(torch.linalg.vector_norm(k_t_alpha * beta - b, dim=(1, 2)),
                             torch.linalg.vector_norm(k_beta * alpha - a, dim=(1, 2)))
         conv = err < tol
         done = conv | (iters >= max_iter)
-        relax = adapt_relaxation(relax, err, last_err, steps + 1)  # checks are steps + 1 iterations apart
-        last_err = err
+        accel.checked(err, steps)
         if bool(done.any()):
             d = done.nonzero().squeeze(1)
             ids = slot[d]
@@ -184,23 +148,18 @@ def sinkhorn_transport_cost(
                 queue += refill
                 neg[r], u[r], v[r], kernel[r] = start(problems)
                 kernel_t[r] = kernel[r].transpose(1, 2)
-                slot[r], alpha[r], beta[r], relax[r], last_err[r], iters[r] = problems, 1.0, 1.0, omega, math.inf, 1
-                k_t_alpha[r] = kernel[r].sum(1).unsqueeze(2)  # K^T 1
+                slot[r], alpha[r], beta[r], k_beta[r], iters[r] = problems, 1.0, 1.0, a, 1
+                accel.restart(r)
             if refill < d.shape[0]:  # queue exhausted: drop the slots left empty
                 keep = torch.ones_like(done)
                 keep[d[refill:]] = False
                 if not bool(keep.any()):
                     break
                 keep = keep.nonzero().squeeze(1)
-                slot, neg, u, v, kernel = slot[keep], neg[keep], u[keep], v[keep], kernel[keep]
-                alpha, beta, relax, last_err, iters = alpha[keep], beta[keep], relax[keep], last_err[keep], iters[keep]
-                k_t_alpha = k_t_alpha[keep]
-                kernel_t = kernel_t[keep]
-        # Continue: the v-step of the next iteration reuses k_t_alpha.
-        beta = beta * (b / (beta * k_t_alpha)).pow_(relax)
-        k_beta = _k_beta(kernel_t, beta)
-        alpha = alpha * (a / (alpha * k_beta)).pow_(relax)
-        iters += 1
+                slot, neg, u, v, kernel, kernel_t = slot[keep], neg[keep], u[keep], v[keep], kernel[keep], kernel_t[keep]
+                alpha, beta, k_beta, iters = alpha[keep], beta[keep], k_beta[keep], iters[keep]
+                accel.select(keep)
+                products = _dense_products(kernel, kernel_t)
         # Absorb scalings that grew large into the kernel (log-domain stabilisation).
         log_alpha, log_beta = alpha.log(), beta.log()
         big = torch.maximum(log_alpha.abs().amax(dim=(1, 2)), log_beta.abs().amax(dim=(1, 2)))
@@ -212,5 +171,5 @@ def sinkhorn_transport_cost(
             kernel[o] = torch.add(neg[o], u[o, :, None]).add_(v[o, None, :]).exp_()
             kernel_t[o] = kernel[o].transpose(1, 2)
             alpha[o], beta[o] = 1.0, 1.0
-            k_beta = _k_beta(kernel_t, beta)
+            k_beta[o] = _k_beta(kernel_t[o], beta[o])  # the same plan's rows, for the next row step
     return values, capped

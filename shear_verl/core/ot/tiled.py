@@ -5,10 +5,8 @@ overlapping spans): each block's kernel is built once and multiplied by all the 
 need it as one small GEMM, instead of one copied kernel per problem. It accelerates Sinkhorn with
 Anderson's method (``Anderson``) instead of over-relaxation: each iteration's exact column step gives
 the row potential's residual, and a least-squares combination of the last few residuals takes out
-the slow modes. On SHEAR's span problems (float64, checked every iteration, eps = 0.05) this took
-2-3x fewer iterations than over-relaxation at 1.6 (mean 20-26 vs 34-83 on a trained LM's states,
-11 vs 25 on synthetic ones) and cut the tail (99 % quantile 33-69 vs 152-696); in the engine, with
-checks every 8 iterations, the converged problems' mean fell from 39 to 27 on LM group 0.
+the slow modes (fewer iterations than over-relaxation on SHEAR's span problems: docs/benchmarks.md).
+The iteration is ``iteration.sinkhorn_iterations`` on the torch backend.
 
 On tensors in host memory the tiled solver's loops (its iterations and the dual bound's c-transforms)
 run as numba kernels (``fused``) instead of ~30 batched torch operations per iteration: each problem
@@ -20,14 +18,16 @@ torch path, which GPU tensors take).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from shear_verl.core.ot import fused
-from shear_verl.core.ot.anderson import ANDERSON_MEMORY, ANDERSON_RIDGE, Anderson
+from shear_verl.core.ot.anderson import ANDERSON_MEMORY, ANDERSON_RIDGE, AndersonSinkhorn
 from shear_verl.core.ot.backend import check_backend, default_backend
 from shear_verl.core.ot.bounds import RunningMinima, raise_dual_bound
-from shear_verl.core.ot.sinkhorn import DIVERGENCE
+from shear_verl.core.ot.iteration import sinkhorn_iterations
+from shear_verl.core.ot.relaxation import DIVERGENCE
 from shear_verl.core.ot.tiling import Tiling, kernel_products
 
 
@@ -116,31 +116,27 @@ def _tiled_sinkhorn(
     on_host = backend == "numba"
     active_tiles = tiles[active]
     if not on_host:
-        k_mul, kt_mul = kernel_products(active_tiles, kernel_all)
-    u = blocks.new_zeros(active.shape[0], n)  # [P_act, n] log row scalings
-    alpha = torch.ones_like(u)
-    k_t_alpha, row = torch.empty_like(u), torch.empty_like(u)  # [P_act, n] K^T alpha, alpha * K beta
-    accel = Anderson(active.shape[0], n, memory, u)
+        k_mul, kt_mul = _flat(*kernel_products(active_tiles, kernel_all), L, g)
+    accel = AndersonSinkhorn(active.shape[0], n, memory, a, b, blocks)  # holds u = log alpha [P_act, n]
+    alpha = torch.ones_like(accel.u)
+    k_t_alpha, row = torch.empty_like(alpha), torch.empty_like(alpha)  # [P_act, n] K^T alpha, alpha * K beta
+    k_beta = torch.empty_like(alpha)  # [P_act, n] K beta (torch backend)
     last_err = blocks.new_full((active.shape[0],), math.inf)
     lower = blocks.new_full((active.shape[0],), -math.inf)  # [P_act] W1 lower bounds (with minima)
     hard = torch.zeros(active.shape[0], dtype=torch.bool, device=device)  # hard bound taken
     plan_alpha, plan_beta = blocks.new_empty(P, n), blocks.new_empty(P, n)  # [P, n] scalings of the solved problems
     iters = 0
     while True:
-        # Iterate to the next check. An iteration: Anderson's step on u = log alpha from the residual
-        # G(u) - u = log a - log(row) of the last one (the first starts from alpha = 1), then Sinkhorn's
-        # v-step beta = b / K^T alpha (exact columns) and the row marginal of diag(alpha) K diag(beta).
+        # Iterate to the next check (``iteration.sinkhorn_iterations``; the first starts at the column
+        # step from alpha = 1): Anderson's step on u = log alpha, then Sinkhorn's exact column step.
         steps = 1 if iters == 0 else min(check_every - iters % check_every, max_iter - iters)
         if on_host:  # the same iterations per problem, each stopping once converged (``fused``)
-            fused.advance(kernel_all, active_tiles, u, alpha, k_t_alpha, row, accel, steps, iters == 0, tol,
+            fused.advance(kernel_all, active_tiles, alpha, k_t_alpha, row, accel, steps, iters == 0, tol,
                           ANDERSON_RIDGE * info.eps)
         else:
-            for step in range(steps):
-                if iters + step:
-                    u = accel.step(u, math.log(a) - row.log())
-                    alpha = u.exp()
-                k_t_alpha = kt_mul(alpha.view(-1, L, g)).view(-1, n)
-                row = alpha * k_mul((b / k_t_alpha).view(-1, L, g)).view(-1, n)
+            alpha, _, k_t_alpha, k_beta = sinkhorn_iterations(k_mul, kt_mul, accel, alpha, None, k_beta, steps,
+                                                              first=iters == 0)
+            row = alpha * k_beta
         iters += steps
         if iters % check_every == 0 or iters >= max_iter:
             beta = b / k_t_alpha  # [P_act, n]
@@ -150,7 +146,7 @@ def _tiled_sinkhorn(
             # normal non-monotone path).
             accel.fall_back(err > DIVERGENCE * last_err)
             last_err = err
-            scale = torch.maximum(u.abs().amax(dim=1), beta.log().abs().amax(dim=1))
+            scale = torch.maximum(accel.u.abs().amax(dim=1), beta.log().abs().amax(dim=1))
             lost = ~(scale <= scaling_limit)  # also NaN: left to the stabilised solver
             conv = (err < tol) & ~lost
             done = conv | lost | (iters >= max_iter)
@@ -170,17 +166,16 @@ def _tiled_sinkhorn(
                 active = active[keep]
                 if active.numel() == 0:
                     break
-                u, alpha, k_t_alpha, row = u[keep], alpha[keep], k_t_alpha[keep], row[keep]
+                alpha, k_t_alpha, row, k_beta = alpha[keep], k_t_alpha[keep], row[keep], k_beta[keep]
                 last_err, lower, hard = last_err[keep], lower[keep], hard[keep]
                 accel.select(keep)
                 active_tiles = tiles[active]
                 if not on_host:
-                    k_mul, kt_mul = kernel_products(active_tiles, kernel_all)
+                    k_mul, kt_mul = _flat(*kernel_products(active_tiles, kernel_all), L, g)
     # <P, C> = sum_ij alpha_i K_ij beta_j C_ij of all solved problems at once, by the block products on K * C,
     # and only then do they lower the minima. At the checks, problems finish a few at a time and a tiling of
     # those few shares few blocks (several times the cost per problem); lowering the minima there stopped
-    # only 0.1 % more problems on a trained LM's groups (5-12 fewer solves of 3500-12000), and computing the
-    # values here made the engine 6-12 % faster.
+    # few more problems and cost more time than it saved (docs/benchmarks.md, "Tuning history").
     ids = solved.nonzero().squeeze(1)
     if ids.numel():
         if on_host:
@@ -192,3 +187,8 @@ def _tiled_sinkhorn(
         if minima is not None:
             minima.update(ids, values[ids])
     return values, capped, solved, pruned
+
+
+def _flat(k_mul: Callable, kt_mul: Callable, L: int, g: int) -> tuple[Callable, Callable]:
+    """The block products ([P, L, g] -> [P, L, g]) on flat vectors [P, L g]."""
+    return (lambda v: k_mul(v.view(-1, L, g)).view(-1, L * g)), (lambda v: kt_mul(v.view(-1, L, g)).view(-1, L * g))

@@ -27,8 +27,8 @@ class Tiling:
     A block's users are its (problem, r, c) tile positions, packed into a slot list: a block with k
     users gets the next power of two >= k slots, one GEMM per slot count, so at most half the slots
     are empty. (A slot per tile position would leave most of them empty once pruning has thinned the
-    problems, 15 of 16 where no two remaining problems share a block: on a trained LM's groups this
-    packing took 20-25 % off the engine's time.)
+    problems, 15 of 16 where no two remaining problems share a block; docs/benchmarks.md, "Tuning
+    history".)
     """
 
     def __init__(self, tiles: torch.Tensor):  # tiles: [P, L, L] block ids
