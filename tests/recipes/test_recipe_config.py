@@ -236,3 +236,43 @@ def test_model_and_reward_function_load_as_verl_loads_them(run_cmd, repo, task, 
                        ground_truth='{"inputs": ["1\\n"], "outputs": ["2\\n"]}')
     assert result["score"] == 1.0
 
+
+@pytest.mark.parametrize("method", ["pure", "prm_reshape"])
+def test_prm_recipes_serve_the_prm_and_pass_verl_validation(run_cmd, repo, method):
+    """recipes/run_<method>_math.sh: run_shear_math.sh with ADV=<method> and the PRM on a pool of its
+    own; the composed config passes verl's validation, its reward-model dataclass and our start-up checks."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+    from verl.workers.config import RewardModelConfig
+
+    from shear_verl.baselines import register_baselines
+    from shear_verl.integration.driver import validate_config as shear_validate_config
+
+    register_baselines()
+    fixed = {"EXPERIMENT_NAME": "run"}
+    cmd = overrides_of(dry_run_argv(run_cmd, repo, f"run_{method}_math.sh", **fixed))
+    assert cmd == overrides_of(dry_run_argv(run_cmd, repo, "run_shear_math.sh", ADV=method, **fixed))
+    d = as_dict(cmd)
+    assert d["algorithm.adv_estimator"] == method
+    assert d["reward.reward_model.model_path"] == "Qwen/Qwen2.5-Math-PRM-7B"  # the paper's PRM
+    assert d["reward.reward_manager.name"] == "PRMRewardManager"
+    assert Path(d["reward.reward_manager.module.path"]) == repo / "shear_verl" / "baselines" / "prm_reward.py"
+    assert {k: PAPER_SETTINGS[k] for k in PAPER_SETTINGS if not k.startswith("+algorithm.shear.")} == {
+        k: d.get(k) for k in PAPER_SETTINGS if not k.startswith("+algorithm.shear.")}
+
+    # the GPU layout knobs reach verl's reward-model config
+    knobs = {"PRM_PATH": "/models/prm", "PRM_NNODES": "2", "PRM_N_GPUS_PER_NODE": "4", "PRM_TP": "2",
+             "PRM_GPU_MEMORY_UTILIZATION": "0.7", "PRM_MAX_MODEL_LEN": "8192", "PRM_TIMEOUT_S": "120",
+             "PRM_STEP_TAG_ID": "151651"}
+    config = composed(run_cmd, repo, f"run_{method}_math.sh", **knobs)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    shear_validate_config(config)
+    rm = omega_conf_to_dataclass(config.reward.reward_model)
+    assert isinstance(rm, RewardModelConfig) and rm.enable and rm.enable_resource_pool
+    assert (rm.model_path, rm.nnodes, rm.n_gpus_per_node) == ("/models/prm", 2, 4)
+    assert (rm.rollout.name, rm.rollout.tensor_model_parallel_size, rm.rollout.gpu_memory_utilization,
+            rm.rollout.max_model_len) == ("vllm", 2, 0.7, 8192)
+    assert rm.rollout.engine_kwargs["vllm"]["pooler_config"] == {"step_tag_id": 151651}
+    assert config.reward.reward_kwargs.prm_timeout_s == 120
+    # the trainer's pool is unchanged: the PRM's GPUs come on top
+    assert (config.trainer.nnodes, config.trainer.n_gpus_per_node) == (1, 8)
