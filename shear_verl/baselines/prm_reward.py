@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 from shear_verl.baselines.prm import (
     PRM_SEPARATOR, STEP_ENDS_KEY, STEP_SCORES_KEY, PRMError, prm_input_ids, scores_from_pooling, separator_id,
@@ -26,8 +27,19 @@ def settings_help(config) -> str:
 def prm_kwargs(config) -> dict:
     """``reward.reward_kwargs.prm_*`` with their defaults (verl keeps manager knobs there, cf. dapo)."""
     given = dict(config.reward.get("reward_kwargs", None) or {})
+    dump = given.get("prm_dump_dir", None)
     return {"prm_separator": str(given.get("prm_separator", PRM_SEPARATOR)),
-            "prm_timeout_s": float(given.get("prm_timeout_s", 600.0))}
+            "prm_timeout_s": float(given.get("prm_timeout_s", 600.0)),
+            "prm_dump_dir": str(dump) if dump else None}
+
+
+def dump_scored(dump_dir: str, input_ids: list[int], ends: list[int], scores: list[float]) -> None:
+    """Append one scored rollout (the PRM's input ids, the step ends and scores) to
+    ``<dump_dir>/prm-<pid>.jsonl``: what the PRM saw and gave, to inspect its credit or re-score it."""
+    os.makedirs(dump_dir, exist_ok=True)
+    line = json.dumps({"input_ids": input_ids, STEP_ENDS_KEY: ends, STEP_SCORES_KEY: scores})
+    with open(os.path.join(dump_dir, f"prm-{os.getpid()}.jsonl"), "a") as f:
+        f.write(line + "\n")
 
 
 async def post_pooling(router_address: str, model: str, input_ids: list[int], timeout_s: float) -> list:
@@ -60,7 +72,8 @@ class PRMRewardManager(_naive_base()):
     Set ``reward.reward_manager.source=importlib``, ``reward.reward_manager.module.path=<this file>``,
     ``reward.reward_manager.name=PRMRewardManager`` and ``reward.reward_model.enable=true`` (with
     ``enable_resource_pool=true``: the rule's reward needs the rollout's ground truth, which verl's
-    reward loop has only on that streaming path).
+    reward loop has only on that streaming path). ``reward.reward_kwargs.prm_timeout_s`` (600) limits
+    each request; ``reward.reward_kwargs.prm_dump_dir`` (unset: off) keeps every scored rollout (dump_scored).
     """
 
     def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None):
@@ -93,6 +106,8 @@ class PRMRewardManager(_naive_base()):
         except (Exception, asyncio.TimeoutError) as exc:  # every failure names the settings; no default score
             raise PRMError(f"the process reward model failed to score a rollout ({type(exc).__name__}: {exc}); "
                            f"{settings_help(self.config)}") from exc
+        if self.prm_kwargs["prm_dump_dir"]:
+            dump_scored(self.prm_kwargs["prm_dump_dir"], ids, ends, scores)
         out["reward_extra_info"][STEP_ENDS_KEY] = ends
         out["reward_extra_info"][STEP_SCORES_KEY] = scores
         return out

@@ -10,6 +10,7 @@ reward.reward_model.* settings, and no step gets a default score.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 
@@ -87,11 +88,11 @@ def free_address() -> str:
         return "127.0.0.1:%d" % s.getsockname()[1]
 
 
-def config(model_path="/models/tiny-prm"):
+def config(model_path="/models/tiny-prm", dump_dir=None):
     return OmegaConf.create({"reward": {
         "reward_model": {"enable": True, "enable_resource_pool": True, "model_path": model_path,
                          "rollout": {"name": "vllm"}},
-        "reward_kwargs": {"prm_timeout_s": TIMEOUT_S},
+        "reward_kwargs": {"prm_timeout_s": TIMEOUT_S, "prm_dump_dir": dump_dir},
     }})
 
 
@@ -119,12 +120,12 @@ def score(data_source, solution_str, ground_truth, extra_info=None):
     return 1.0
 
 
-def run(address, tokenizers, data):
+def run(address, tokenizers, data, dump_dir=None):
     policy, prm = tokenizers
     loop = asyncio.new_event_loop()  # the manager runs its decoding on the loop it was made in
     asyncio.set_event_loop(loop)
     try:
-        manager = PRMRewardManager(config(), policy, score, reward_router_address=address,
+        manager = PRMRewardManager(config(dump_dir=dump_dir), policy, score, reward_router_address=address,
                                    reward_model_tokenizer=prm)
         return loop.run_until_complete(manager.run_single(data))
     finally:
@@ -132,10 +133,10 @@ def run(address, tokenizers, data):
         loop.close()
 
 
-def test_a_served_prm_scores_every_step_at_its_separator(router, tokenizers):
+def test_a_served_prm_scores_every_step_at_its_separator(router, tokenizers, tmp_path):
     router.mode, router.requests = "ok", []
     data, length = rollout(tokenizers[0])
-    out = run(router.address, tokenizers, data)
+    out = run(router.address, tokenizers, data, dump_dir=str(tmp_path / "prm"))
     assert out["reward_score"] == 1.0  # the rule's verifiable reward, as verl's naive manager gives it
     (request,) = router.requests
     assert (request["model"], request["task"]) == ("/models/tiny-prm", "token_classify")
@@ -145,6 +146,9 @@ def test_a_served_prm_scores_every_step_at_its_separator(router, tokenizers):
     assert len(ends) == len(at) == 3 and ends[-1] == length - 1  # the last step ends at EOS
     rows = Router.rows(request["input"])
     assert scores == pytest.approx([rows[i][1] - rows[i][0] for i in at])
+    (dump,) = (tmp_path / "prm").glob("prm-*.jsonl")  # reward.reward_kwargs.prm_dump_dir: what was sent and got
+    (line,) = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert line == {"input_ids": request["input"], STEP_ENDS_KEY: ends, STEP_SCORES_KEY: scores}
 
 
 @pytest.mark.parametrize("mode", ["error", "sleep", "unreachable"])
