@@ -12,8 +12,8 @@ import json
 import os
 
 from shear_verl.baselines.prm import (
-    PRM_SEPARATOR, STEP_ENDS_KEY, STEP_SCORES_KEY, PRMError, prm_input_ids, scores_from_pooling, separator_id,
-    split_token_ids, step_ends, step_texts,
+    PRM_SEPARATOR, SPLIT_STEP_CHAR, STEP_ENDS_KEY, STEP_SCORES_KEY, PRMError, prm_input_ids, scores_from_pooling,
+    separator_id, split_token_ids, step_ends, step_texts,
 )
 
 
@@ -25,10 +25,14 @@ def settings_help(config) -> str:
 
 
 def prm_kwargs(config) -> dict:
-    """``reward.reward_kwargs.prm_*`` with their defaults (verl keeps manager knobs there, cf. dapo)."""
+    """``reward.reward_kwargs.prm_*`` with their defaults (verl keeps manager knobs there, cf. dapo).
+
+    ``prm_split_step``: a step ends at every response token whose text ends with it (PURE's
+    ``split_step_char``, a blank line by default)."""
     given = dict(config.reward.get("reward_kwargs", None) or {})
     dump = given.get("prm_dump_dir", None)
     return {"prm_separator": str(given.get("prm_separator", PRM_SEPARATOR)),
+            "prm_split_step": str(given.get("prm_split_step", SPLIT_STEP_CHAR)),
             "prm_timeout_s": float(given.get("prm_timeout_s", 600.0)),
             "prm_dump_dir": str(dump) if dump else None}
 
@@ -82,7 +86,7 @@ class PRMRewardManager(_naive_base()):
             raise PRMError("PRMRewardManager got no PRM: set reward.reward_model.enable=true and "
                            f"reward.reward_model.model_path ({settings_help(config)})")
         self.prm_kwargs = prm_kwargs(config)
-        self.split_ids = split_token_ids(tokenizer)
+        self.split_ids = split_token_ids(tokenizer, self.prm_kwargs["prm_split_step"])
         self.sep_id = separator_id(reward_model_tokenizer, self.prm_kwargs["prm_separator"])
         self.model = str(config.reward.reward_model.model_path)
         # The PRM's router is ours; the naive manager would pass it to the rule function, which plain
@@ -95,7 +99,8 @@ class PRMRewardManager(_naive_base()):
         response = item.batch["responses"]  # [T]
         length = int(item.batch["attention_mask"][-response.shape[-1]:].sum())
         ends = step_ends(response, length, self.split_ids)
-        texts = await self.loop.run_in_executor(None, lambda: step_texts(self.tokenizer, response, ends))
+        texts = await self.loop.run_in_executor(None, lambda: step_texts(
+            self.tokenizer, response, ends, self.prm_kwargs["prm_split_step"]))
         messages = list(item.non_tensor_batch["raw_prompt"])
         ids = prm_input_ids(self.reward_model_tokenizer, messages, texts, self.prm_kwargs["prm_separator"])
         try:

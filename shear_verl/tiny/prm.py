@@ -90,12 +90,16 @@ def build_tiny_prm(root: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
     return out
 
 
-def prm_overrides(prm_dir: str | os.PathLike, *, max_model_len: int, max_num_seqs: int = 16) -> list[str]:
+def prm_overrides(prm_dir: str | os.PathLike, *, max_model_len: int, max_num_seqs: int = 16,
+                  split_step: str = "e") -> list[str]:
     """Hydra overrides that serve ``prm_dir`` through verl's reward model and call PRMRewardManager.
 
     The same settings a cluster run uses (recipes/run_pure_math.sh), sized for CPU: the PRM on a
     pool of its own (one logical GPU), float32, no sleep mode (vLLM-CPU has none), and vLLM's STEP
     pooler told the tiny tokenizer's separator id (it defaults to Qwen2.5's ``<extra_0>``, 151651).
+    The tiny tasks' responses hold no blank lines (no token of the tiny vocabulary ends with one), so
+    steps end at tokens ending with ``split_step`` instead: "e" ends 12 of the 160 tokens, about one
+    step end per response of the untrained policy.
     """
     from transformers import AutoTokenizer
 
@@ -122,6 +126,7 @@ def prm_overrides(prm_dir: str | os.PathLike, *, max_model_len: int, max_num_seq
         "reward.reward_manager.source=importlib",
         f"reward.reward_manager.module.path={prm_reward.__file__}",
         "reward.reward_manager.name=PRMRewardManager",
+        f"+reward.reward_kwargs.prm_split_step={split_step}",
         # a second logical GPU for the PRM's pool (the platform's Ray resource)
         "++ray_kwargs.ray_init.num_gpus=2",
     ]
