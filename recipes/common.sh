@@ -66,11 +66,47 @@ recipe_launch() {
   exec "$@"
 }
 
+# prm_args: the process reward model the PRM baselines (pure, prm_reshape) take their step scores
+# from, served by verl's own reward model (reward.reward_model.*: vLLM pooling servers behind verl's
+# reward router) on a resource pool of its own, PRM_NNODES x PRM_N_GPUS_PER_NODE GPUs besides the
+# trainer's, one vLLM replica per PRM_TP GPUs; verl's reward loop runs PRMRewardManager
+# (shear_verl/baselines/prm_reward.py), which posts every rollout's steps to it. Default PRM: the
+# paper's Qwen2.5-Math-PRM-7B (its <extra_0> separator). Optional: PRM_MAX_MODEL_LEN, PRM_TIMEOUT_S
+# (seconds per request, default 600), PRM_STEP_TAG_ID (the separator's id: the server returns the
+# separators' rows only).
+prm_args() {
+  local rm=reward.reward_model
+  PRM_ARGS=(
+    "$rm.enable=True"
+    "$rm.enable_resource_pool=True"
+    "$rm.model_path=${PRM_PATH:-Qwen/Qwen2.5-Math-PRM-7B}"
+    "$rm.nnodes=${PRM_NNODES:-1}"
+    "$rm.n_gpus_per_node=${PRM_N_GPUS_PER_NODE:-8}"
+    "$rm.rollout.name=vllm"
+    "$rm.rollout.dtype=${PRM_DTYPE:-bfloat16}"
+    "$rm.rollout.tensor_model_parallel_size=${PRM_TP:-1}"
+    "$rm.rollout.gpu_memory_utilization=${PRM_GPU_MEMORY_UTILIZATION:-0.8}"
+    reward.reward_manager.source=importlib
+    "reward.reward_manager.module.path=$REPO_DIR/shear_verl/baselines/prm_reward.py"
+    reward.reward_manager.name=PRMRewardManager
+  )
+  if [ -n "${PRM_MAX_MODEL_LEN:-}" ]; then
+    PRM_ARGS+=("$rm.rollout.max_model_len=${PRM_MAX_MODEL_LEN}")
+  fi
+  if [ -n "${PRM_TIMEOUT_S:-}" ]; then
+    PRM_ARGS+=("+reward.reward_kwargs.prm_timeout_s=${PRM_TIMEOUT_S}")
+  fi
+  if [ -n "${PRM_STEP_TAG_ID:-}" ]; then
+    PRM_ARGS+=("+$rm.rollout.engine_kwargs.vllm.pooler_config={step_tag_id:${PRM_STEP_TAG_ID}}")
+  fi
+}
+
 # method_args: the active method's `algorithm.<name>.*` overrides, by ADV_ESTIMATOR. SHEAR's come
 # from the SHEAR_* environment (shear_args); every baseline (README, "Baselines") runs at its
 # paper's defaults, changed by hydra overrides on the command line (+algorithm.<name>.<key>=...).
 # Only the active method's keys are passed: the trainer refuses another method's non-default keys
 # at start-up, so a SHEAR_* knob left in the environment cannot break the GRPO twin.
+# The PRM baselines also get their process reward model (prm_args).
 # HIDDEN_ALIGN_COEF (unset: off) adds Hidden-Align's auxiliary loss to any method.
 method_args() {
   METHOD_ARGS=()
@@ -78,6 +114,9 @@ method_args() {
     shear_args
     METHOD_ARGS=("${SHEAR_ARGS[@]}")
   fi
+  case "$ADV_ESTIMATOR" in
+    pure|prm_reshape) prm_args; METHOD_ARGS+=("${PRM_ARGS[@]}") ;;
+  esac
   if [ -n "${HIDDEN_ALIGN_COEF:-}" ]; then
     METHOD_ARGS+=("+actor_rollout_ref.actor.hidden_align.coef=${HIDDEN_ALIGN_COEF}")
   fi

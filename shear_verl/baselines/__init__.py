@@ -7,7 +7,8 @@ in every verl process) registers them all. Methods table: README, "Baselines".
 
 from __future__ import annotations
 
-BASELINES = ("entropy_adv", "top_entropy", "hapo", "oar_g")
+BASELINES = ("entropy_adv", "top_entropy", "hapo", "oar_g", "pure", "prm_reshape")
+PRM_BASELINES = ("pure", "prm_reshape")  # need a served process reward model (reward.reward_model.*)
 
 
 def register_baselines() -> None:

@@ -50,7 +50,8 @@ def validate_config(config) -> Any:
 
     Every run: `algorithm.adv_estimator` must be registered, and no method's `algorithm.<name>.*`
     other than the active one's may be set. A token-signal run also needs verl's old-log-prob pass
-    (where its signal is computed), groups of >= 2 rollouts, and the V1 trainer.
+    when it reads worker fields (they are computed there), a reward model served on its own pool when
+    it reads reward info (a PRM's step scores), groups of >= 2 rollouts, and the V1 trainer.
     """
     name = str(config.algorithm.get("adv_estimator", ""))
     check_estimator_name(name)
@@ -66,7 +67,7 @@ def validate_config(config) -> Any:
     settings = signal.parse(config.algorithm)
     what = ", ".join(signal.fields)
     rc = config.algorithm.get("rollout_correction", None)
-    if rc is not None and rc.get("bypass_mode", False):
+    if signal.fields and rc is not None and rc.get("bypass_mode", False):
         raise ValueError(
             f"algorithm.adv_estimator={name} needs verl's old-log-prob pass (it computes {what} there), but "
             "algorithm.rollout_correction.bypass_mode=true skips it. Set algorithm.rollout_correction.bypass_mode=false."
@@ -77,6 +78,12 @@ def validate_config(config) -> Any:
             f"algorithm.adv_estimator={name} compares rollouts of the same prompt, but "
             f"actor_rollout_ref.rollout.n={n}; set it to 2 or more (the paper uses 8)."
         )
+    reward = config.get("reward", None)
+    if signal.reward_info and not (reward is not None and reward.reward_model.get("enable", False)
+                                   and reward.reward_model.get("enable_resource_pool", False)):
+        raise ValueError(f"algorithm.adv_estimator={name} reads {', '.join(signal.reward_info)} from the reward "
+                         "model, but reward.reward_model.enable / enable_resource_pool are not both true. "
+                         + signal.missing_help)
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"algorithm.adv_estimator={name} supports verl's V1 trainer only: set trainer.use_v1=true")
     if signal.check is not None:
@@ -156,12 +163,36 @@ def compute_advantage(trainer, orig, batch, metrics):
         payload = signal.prepare(trainer, run.settings, padded, uids, metrics)
     else:
         payload = {f: padded[f] for f in signal.fields}
+    if signal.reward_info:
+        payload = {**payload, **fetch_reward_info(batch, signal, uids)}
     with signals.pending(signal.name, payload, uids) as handoff:
         out = orig(batch, metrics)
     metrics.update(handoff.get("metrics", {}))
     if signal.finish is not None:
         signal.finish(trainer, run.settings, out, payload, handoff, uids, metrics)
     return strip_worker_fields(out, signal)
+
+
+def fetch_reward_info(batch, signal: signals.TokenSignal, uids) -> dict[str, list]:
+    """The signal's reward-extra-info keys per row (lists in row order) from verl's `extra_fields`.
+
+    A real row without them stops the step (signal.missing_help): no row silently gets a default.
+    verl's padding rows (balance.PAD_UID_PREFIX) get None.
+    """
+    import transfer_queue as tq
+
+    from shear_verl.integration.balance import PAD_UID_PREFIX
+    from shear_verl.integration.dump import reward_extra_infos
+
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+    infos = reward_extra_infos(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(uids)
+    out: dict[str, list] = {key: [] for key in signal.reward_info}
+    for info, uid in zip(infos, uids, strict=True):
+        for key in signal.reward_info:
+            if key not in info and not uid.startswith(PAD_UID_PREFIX):
+                raise RuntimeError(signal.missing_help)
+            out[key].append(info.get(key))
+    return out
 
 
 def strip_worker_fields(batch, signal: signals.TokenSignal):

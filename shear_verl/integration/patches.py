@@ -18,6 +18,7 @@ and the patched symbol first, and refuses with a message naming the supported ve
 | ``FSDPEngineWithLMHead.infer_batch`` (inherited ``BaseEngine.infer_batch``) | SHEAR weights from the captured rows; OAR-G's input-gradient saliency (saliency.py) | flagged pass (``shear`` / ``oar_g``) |
 | ``megatron.transformer_impl.MegatronEngineWithLMHead.forward_step`` | ``decoder.final_layernorm`` capture, un-sharded (megatron_capture.py) | flagged pass, last stage |
 | ``MegatronEngineWithLMHead.infer_batch`` (inherited) | config refusals + SHEAR weights; refuses ``oar_g`` | flagged pass |
+| ``vllm_rollout.utils.monkey_patch_compute_logits`` | skipped for pooling models (verl's server calls it on the reward model too, which has no ``compute_logits``) | a served reward model (``pure``, ``prm_reshape``) |
 """
 
 from __future__ import annotations
@@ -164,6 +165,29 @@ def patch_megatron_engine(module) -> None:
     _wrap(cls, "infer_batch", ("self", "data"), _delegate(megatron_capture.megatron_infer_batch))
 
 
+# ----------------------------------------------------------------------------- vLLM server worker
+def patch_vllm_rollout_utils(module) -> None:
+    """verl.workers.rollout.vllm_rollout.utils.monkey_patch_compute_logits: skip pooling models.
+
+    verl 0.9.1's vLLM server calls it on every model it serves, the reward model included
+    (vllm_async_server.run_server, ``monkey_patch_model``), but a pooling model (vLLM's
+    Qwen2ForProcessRewardModel) has no ``compute_logits`` and nothing to sample: the server dies at
+    start-up with AttributeError. Without the patch no discriminative reward model can be served.
+    """
+    check_verl_version()
+    orig = require(module, "monkey_patch_compute_logits", "verl", SUPPORTED_VERL, ("model", "vocab_size"))
+    if is_patched(orig):
+        return
+
+    @functools.wraps(orig)
+    def monkey_patch_compute_logits(model, vocab_size, *args, **kwargs):
+        if not hasattr(model, "compute_logits"):
+            return None  # a pooling model: no logits to mask
+        return orig(model, vocab_size, *args, **kwargs)
+
+    module.monkey_patch_compute_logits = mark(monkey_patch_compute_logits)
+
+
 # ----------------------------------------------------------------------------- post-import hooks
 _HOOKS: dict[str, Callable] = {
     "verl.utils.config": patch_config_validation,
@@ -171,6 +195,7 @@ _HOOKS: dict[str, Callable] = {
     "verl.trainer.ppo.v1.trainer_base": patch_trainer,
     "verl.workers.engine.fsdp.transformer_impl": patch_fsdp_engine,
     "verl.workers.engine.megatron.transformer_impl": patch_megatron_engine,
+    "verl.workers.rollout.vllm_rollout.utils": patch_vllm_rollout_utils,
 }
 
 

@@ -35,6 +35,8 @@ class TokenSignal:
         advantage step (default: the fetched fields by name).
     finish: ``(trainer, settings, out, payload, handoff, uids, metrics) -> None``, after it.
     missing_help: the error when the fields are absent (why, and what to check).
+    reward_info: keys of the rollouts' reward extra info (verl's ``extra_fields`` column, one value
+        per row, e.g. a PRM's step scores) added to the payload as lists in row order.
     check: ``config -> None``, start-up refusals of set-ups the signal cannot run in (full config).
     """
 
@@ -46,6 +48,7 @@ class TokenSignal:
     prepare: Callable | None = None
     finish: Callable | None = None
     missing_help: str = ""
+    reward_info: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import reward_fns.counting
 import reward_fns.tiny
 import shear_verl.cpu
-from shear_verl.baselines import BASELINES
+from shear_verl.baselines import BASELINES, PRM_BASELINES
 
 from .assets import TinyAssets, TinySpec, build_assets
 
@@ -172,6 +172,12 @@ def tiny_overrides(
     if adv == "oar_g":
         # the parity task's responses carry no answer marker: the last 4 response tokens are the answer
         overrides += ["+algorithm.oar_g.no_marker=tail", "+algorithm.oar_g.tail_tokens=4"]
+    if adv in PRM_BASELINES:
+        from .prm import build_tiny_prm, prm_overrides
+
+        prm_dir = build_tiny_prm(assets.model_dir.parent, assets.model_dir)
+        overrides += prm_overrides(prm_dir, max_model_len=4 * (config.max_prompt_length + config.max_response_length),
+                                   max_num_seqs=micro)
     return overrides
 
 

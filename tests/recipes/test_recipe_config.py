@@ -76,9 +76,14 @@ def test_shear_math_dry_run_carries_the_paper_settings(run_cmd, repo):
     assert code["reward.custom_reward_function.path"] == str(repo / "reward_fns" / "code.py")
 
 
+PRM_PREFIXES = ("reward.reward_model.", "+reward.reward_model.", "reward.reward_manager.", "+reward.reward_kwargs.")
+
+
 def method_free(overrides: list[str]) -> list[str]:
-    """The command without its method: the estimator line and the method's own section."""
-    return [o for o in overrides if not o.startswith(("algorithm.adv_estimator=", "+algorithm.shear."))]
+    """The command without its method: the estimator line, the method's own section and the PRM
+    the PRM baselines are served (recipes/common.sh: prm_args)."""
+    return [o for o in overrides
+            if not o.startswith(("algorithm.adv_estimator=", "+algorithm.shear.", *PRM_PREFIXES))]
 
 
 @pytest.mark.parametrize("task", ["math", "code"])
@@ -96,7 +101,7 @@ def test_grpo_twin_differs_in_the_method_alone(run_cmd, repo, task):
 
 @pytest.mark.parametrize("task", ["math", "code"])
 def test_adv_knob_runs_every_baseline_through_the_same_recipe(run_cmd, repo, task):
-    from shear_verl.baselines import BASELINES, register_baselines
+    from shear_verl.baselines import BASELINES, PRM_BASELINES, register_baselines
     from shear_verl.baselines.hidden_align import check_config as check_hidden_align
     from shear_verl.integration.driver import validate_config
 
@@ -108,8 +113,10 @@ def test_adv_knob_runs_every_baseline_through_the_same_recipe(run_cmd, repo, tas
         cmd = overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV=name, **fixed))
         assert as_dict(cmd)["algorithm.adv_estimator"] == name
         assert method_free(cmd) == reference, name
+        prm = [o for o in cmd if o.startswith(PRM_PREFIXES)]
+        assert bool(prm) == (name in PRM_BASELINES), name  # a served PRM for the PRM baselines only
         config = compose_verl_config(cmd)
-        validate_config(config)  # our start-up checks (registered name, no other method's keys) pass
+        validate_config(config)  # our start-up checks (registered name, no other method's keys, the PRM) pass
     named = as_dict(overrides_of(dry_run_argv(run_cmd, repo, f"run_shear_{task}.sh", ADV=BASELINES[0])))
     assert named["trainer.experiment_name"].endswith(f"-{task}-{BASELINES[0]}-seed42")
     # Hidden-Align is a loss on top of any method: one environment knob, accepted by verl's validation
@@ -228,3 +235,44 @@ def test_model_and_reward_function_load_as_verl_loads_them(run_cmd, repo, task, 
         result = score(data_source="x", solution_str="```python\nprint(int(input()) + 1)\n```",
                        ground_truth='{"inputs": ["1\\n"], "outputs": ["2\\n"]}')
     assert result["score"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["pure", "prm_reshape"])
+def test_prm_recipes_serve_the_prm_and_pass_verl_validation(run_cmd, repo, method):
+    """recipes/run_<method>_math.sh: run_shear_math.sh with ADV=<method> and the PRM on a pool of its
+    own; the composed config passes verl's validation, its reward-model dataclass and our start-up checks."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+    from verl.workers.config import RewardModelConfig
+
+    from shear_verl.baselines import register_baselines
+    from shear_verl.integration.driver import validate_config as shear_validate_config
+
+    register_baselines()
+    fixed = {"EXPERIMENT_NAME": "run"}
+    cmd = overrides_of(dry_run_argv(run_cmd, repo, f"run_{method}_math.sh", **fixed))
+    assert cmd == overrides_of(dry_run_argv(run_cmd, repo, "run_shear_math.sh", ADV=method, **fixed))
+    d = as_dict(cmd)
+    assert d["algorithm.adv_estimator"] == method
+    assert d["reward.reward_model.model_path"] == "Qwen/Qwen2.5-Math-PRM-7B"  # the paper's PRM
+    assert d["reward.reward_manager.name"] == "PRMRewardManager"
+    assert Path(d["reward.reward_manager.module.path"]) == repo / "shear_verl" / "baselines" / "prm_reward.py"
+    assert {k: PAPER_SETTINGS[k] for k in PAPER_SETTINGS if not k.startswith("+algorithm.shear.")} == {
+        k: d.get(k) for k in PAPER_SETTINGS if not k.startswith("+algorithm.shear.")}
+
+    # the GPU layout knobs reach verl's reward-model config
+    knobs = {"PRM_PATH": "/models/prm", "PRM_NNODES": "2", "PRM_N_GPUS_PER_NODE": "4", "PRM_TP": "2",
+             "PRM_GPU_MEMORY_UTILIZATION": "0.7", "PRM_MAX_MODEL_LEN": "8192", "PRM_TIMEOUT_S": "120",
+             "PRM_STEP_TAG_ID": "151651"}
+    config = composed(run_cmd, repo, f"run_{method}_math.sh", **knobs)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    shear_validate_config(config)
+    rm = omega_conf_to_dataclass(config.reward.reward_model)
+    assert isinstance(rm, RewardModelConfig) and rm.enable and rm.enable_resource_pool
+    assert (rm.model_path, rm.nnodes, rm.n_gpus_per_node) == ("/models/prm", 2, 4)
+    assert (rm.rollout.name, rm.rollout.tensor_model_parallel_size, rm.rollout.gpu_memory_utilization,
+            rm.rollout.max_model_len) == ("vllm", 2, 0.7, 8192)
+    assert rm.rollout.engine_kwargs["vllm"]["pooler_config"] == {"step_tag_id": 151651}
+    assert config.reward.reward_kwargs.prm_timeout_s == 120
+    # the trainer's pool is unchanged: the PRM's GPUs come on top
+    assert (config.trainer.nnodes, config.trainer.n_gpus_per_node) == (1, 8)
