@@ -53,18 +53,32 @@ def trainable_qwen2():
     return _tiny_qwen2().train()
 
 
-@pytest.fixture()
-def fsdp_engine(monkeypatch, gloo_world):
-    """make(module) -> verl's FSDPEngineWithLMHead around a plain HF module.
-
-    Built with ``object.__new__`` and the attributes its forward reads: FSDP sharding does not
-    change forward outputs, and FSDP1/2 need an accelerator or a full worker to build here; the
-    packing, remove-padding, dynamic batching and output layout are verl's own code. Only verl's
-    device lookup is pointed at the CPU (stock verl has no CPU platform)."""
+def fsdp_engine_around(module):
+    """verl's FSDPEngineWithLMHead around a plain HF module, built with ``object.__new__`` and the
+    attributes its forward reads: FSDP sharding does not change forward outputs, and FSDP1/2 need an
+    accelerator or a full worker to build here; the packing, remove-padding, dynamic batching and
+    output layout are verl's own code. (Also imported by the multi-process workers.)"""
     from types import SimpleNamespace
 
-    import verl.utils.seqlen_balancing as seqlen_balancing
     import verl.utils.torch_functional as verl_F
+    import verl.workers.engine.fsdp.transformer_impl as impl
+
+    engine = object.__new__(impl.FSDPEngineWithLMHead)
+    engine.module = module
+    engine.ulysses_sequence_parallel_size, engine.use_ulysses_sp, engine.ulysses_device_mesh = 1, False, None
+    engine.pad_to_length, engine.pad_to_length_bucket = False, 1
+    engine._autocast_dtype, engine.scaler = torch.float32, None
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
+                                           use_no_sync_for_gradient_accumulation=True)
+    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    return engine
+
+
+@pytest.fixture()
+def fsdp_engine(monkeypatch, gloo_world):
+    """make(module) -> ``fsdp_engine_around(module)``, with verl's device lookup pointed at the CPU
+    (stock verl has no CPU platform)."""
+    import verl.utils.seqlen_balancing as seqlen_balancing
     import verl.workers.engine.fsdp.transformer_impl as impl
 
     from shear_verl.integration import patches
@@ -73,19 +87,7 @@ def fsdp_engine(monkeypatch, gloo_world):
     monkeypatch.setattr(impl, "get_device_id", lambda: "cpu")
     monkeypatch.setattr(impl, "get_device_name", lambda: "cpu")
     monkeypatch.setattr(seqlen_balancing, "get_device_name", lambda: "cpu")
-
-    def make(module):
-        engine = object.__new__(impl.FSDPEngineWithLMHead)
-        engine.module = module
-        engine.ulysses_sequence_parallel_size, engine.use_ulysses_sp, engine.ulysses_device_mesh = 1, False, None
-        engine.pad_to_length, engine.pad_to_length_bucket = False, 1
-        engine._autocast_dtype, engine.scaler = torch.float32, None
-        engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
-                                               use_no_sync_for_gradient_accumulation=True)
-        engine.compute_entropy_from_logits = verl_F.entropy_from_logits
-        return engine
-
-    return make
+    return fsdp_engine_around
 
 
 @pytest.fixture(scope="module")

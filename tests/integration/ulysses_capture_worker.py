@@ -31,7 +31,8 @@ def main(out_path: str) -> None:
     from shear_verl.integration.capture import HIDDEN_KEY
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_fsdp_capture import LENGTHS, make_batch, make_engine  # shared batch/engine builders
+    from conftest import fsdp_engine_around
+    from test_fsdp_capture import LENGTHS, make_batch  # shared batch builder
 
     patches.install()
     # Stock verl has no CPU device: point its device lookup at the CPU (test-only redirect).
@@ -43,7 +44,7 @@ def main(out_path: str) -> None:
     cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=0,
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg).eval()
-    engine = make_engine(impl.FSDPEngineWithLMHead, model)
+    engine = fsdp_engine_around(model)
     sp = int(os.environ.get("SP", "2"))
     mesh = init_device_mesh("cpu", mesh_shape=(world // sp, sp), mesh_dim_names=["dp", "sp"])
     engine.ulysses_device_mesh = mesh
