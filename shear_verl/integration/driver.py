@@ -22,7 +22,7 @@ import torch
 from shear_verl.core import ShearConfig
 from shear_verl.integration import signals
 from shear_verl.integration.balance import assert_groups_whole, group_balanced_partitions, split_key, uid_of_key
-from shear_verl.integration.dump import write_records
+from shear_verl.integration.dump import reward_extra_infos, write_records
 from shear_verl.integration.estimator import MISSING_WEIGHTS_HELP
 from shear_verl.integration.fields import FLAG_KEY, STATS_KEY, WEIGHTS_KEY
 from shear_verl.integration.settings import ESTIMATOR_NAME, ShearSettings, settings_from_algorithm
@@ -153,18 +153,18 @@ def compute_advantage(trainer, orig, batch, metrics):
     run: SignalRun = trainer._signal_run
     signal = run.signal
     refuse_multi_output_sessions(batch.keys, signal.name)
-    fields = [*signal.fields, "uid", "response_mask", "rm_scores"]
+    fields = [*signal.fields, "uid", "response_mask", "rm_scores", *(["extra_fields"] if signal.reward_info else [])]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
     if any(f not in data.keys() for f in signal.fields):
         raise RuntimeError(signal.missing_help)
-    padded = DataProto(batch=data.to_padded_tensor()).batch
+    padded = DataProto(batch=data.exclude("extra_fields").to_padded_tensor()).batch  # extra_fields: not tensors
     uids = [str(u) for u in padded.pop("uid").tolist()]  # as verl reads it
     if signal.prepare is not None:
         payload = signal.prepare(trainer, run.settings, padded, uids, metrics)
     else:
         payload = {f: padded[f] for f in signal.fields}
     if signal.reward_info:
-        payload = {**payload, **fetch_reward_info(batch, signal, uids)}
+        payload = {**payload, **reward_info_columns(reward_extra_infos(data, len(uids)), signal, uids)}
     with signals.pending(signal.name, payload, uids) as handoff:
         out = orig(batch, metrics)
     metrics.update(handoff.get("metrics", {}))
@@ -173,19 +173,14 @@ def compute_advantage(trainer, orig, batch, metrics):
     return strip_worker_fields(out, signal)
 
 
-def fetch_reward_info(batch, signal: signals.TokenSignal, uids) -> dict[str, list]:
-    """The signal's reward-extra-info keys per row (lists in row order) from verl's `extra_fields`.
+def reward_info_columns(infos: list[dict], signal: signals.TokenSignal, uids) -> dict[str, list]:
+    """The signal's reward-extra-info keys per row (lists in row order) from the rows' extra info.
 
     A real row without them stops the step (signal.missing_help): no row silently gets a default.
     verl's padding rows (balance.PAD_UID_PREFIX) get None.
     """
-    import transfer_queue as tq
-
     from shear_verl.integration.balance import PAD_UID_PREFIX
-    from shear_verl.integration.dump import reward_extra_infos
 
-    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-    infos = reward_extra_infos(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(uids)
     out: dict[str, list] = {key: [] for key in signal.reward_info}
     for info, uid in zip(infos, uids, strict=True):
         for key in signal.reward_info:
@@ -264,14 +259,14 @@ def dump_credit(trainer, batch, uids, scores, weights, grpo_advantages, settings
     import transfer_queue as tq
 
     from shear_verl.integration.balance import PAD_UID_PREFIX
-    from shear_verl.integration.dump import DUMP_SUBDIR, credit_records, dump_path, reward_extra_infos, select_groups
+    from shear_verl.integration.dump import DUMP_SUBDIR, credit_records, dump_path, select_groups
 
     fields = ["responses", "response_mask", "advantages", "extra_fields"]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
     correct = scores > settings.correct_threshold  # [B]
     real = [i for i, u in enumerate(uids) if not u.startswith(PAD_UID_PREFIX)]
     chosen = set(select_groups([uids[i] for i in real], [bool(correct[i]) for i in real], settings.dump_groups))
-    extra = reward_extra_infos(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(uids)
+    extra = reward_extra_infos(data, len(uids))
     records = credit_records(
         step=trainer.global_steps, estimator=ESTIMATOR_NAME, uids=uids,
         rows=[i for i in real if uids[i] in chosen],

@@ -107,7 +107,11 @@ def write_records(records: Sequence[Mapping], path: str | os.PathLike) -> Path:
     return path
 
 
-def reward_extra_infos(extra_fields) -> list[dict]:
-    """Per row the grader's extra info, from verl's `extra_fields` TransferQueue column."""
+def reward_extra_infos(data, rows: int) -> list[dict]:
+    """Per row the grader's extra info, from the `extra_fields` column of a TransferQueue read
+    (`data`); empty dicts for all ``rows`` when verl wrote no such column."""
+    if "extra_fields" not in data.keys():
+        return [{} for _ in range(rows)]
+    extra_fields = data["extra_fields"]
     rows = extra_fields.tolist() if hasattr(extra_fields, "tolist") else list(extra_fields)
     return [dict(f.get("reward_extra_info", {}) or {}) if isinstance(f, Mapping) else {} for f in rows]
