@@ -14,6 +14,13 @@ numba kernel instead (``ot.fused``). This measures what sharing the loop would c
                  memory), the products plain per-problem mat-vecs
 All run Anderson acceleration (memory 5) for the same iterations with no early stop (tol = 0);
 microseconds per problem and iteration, fastest of --repeat runs.
+
+    python scripts/bench_iteration.py --engine        # the whole engine on the bench groups, both backends
+
+``--engine``: what the shared loop costs the engine itself: ``group_token_weights`` on the groups of
+``bench_compare.py`` (those of ``bench_weights.py``) with ``backend="numba"`` (the host default: the
+fused kernels) and ``backend="torch"`` (the shared loop, the GPU path), runs interleaved, fastest of
+--repeat, with the max relative difference of the weights.
 """
 
 from __future__ import annotations
@@ -86,12 +93,44 @@ def problems(tokens: int, w: int, s: int, d: int, seed: int) -> tuple[torch.Tens
     return torch.exp(-(blocks - blocks.amin()) / 0.05).contiguous(), tiles.contiguous()
 
 
+def engine_backends(repeat: int, seed: int) -> None:
+    """The engine's time per bench group with each backend on host memory (see the module docstring)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_compare import cases
+
+    from shear_verl.core import ShearConfig, group_token_weights
+
+    cfg = ShearConfig(span_len=100, stride=25, epsilon=0.05)
+    named = cases(seed)
+    group_token_weights(named[0][1][:2], named[0][2][:1] + [False], cfg, backend="numba")  # compile / load caches
+    print(f"engine on host memory, bench groups (seed {seed}), {torch.get_num_threads()} threads, fastest of {repeat}, "
+          "runs interleaved")
+    print(f"{'group':<20}{'numba s':>9}{'torch s':>9}{'torch/numba':>13}{'rel.diff':>10}")
+    for name, states, correct in named:
+        best, weights = {"numba": math.inf, "torch": math.inf}, {}
+        for _ in range(repeat):
+            for backend in best:
+                start = time.perf_counter()
+                weights[backend] = group_token_weights(states, correct, cfg, backend=backend)
+                best[backend] = min(best[backend], time.perf_counter() - start)
+        diff = max(float(((t - n).abs() / n.abs()).max()) for t, n in zip(weights["torch"], weights["numba"]))
+        print(f"{name:<20}{best['numba']:>9.2f}{best['torch']:>9.2f}{best['torch'] / best['numba']:>13.2f}{diff:>10.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=600)
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engine", action="store_true", help="the whole engine per bench group, both backends")
+    parser.add_argument("--seed", type=int, default=0, help="--engine: the bench groups' seed (bench_compare.py's)")
     args = parser.parse_args()
+    if args.engine:
+        engine_backends(args.repeat, args.seed)
+        return
     kernel, tiles = problems(args.tokens, 100, 25, 64, seed=0)
     P, L, _ = tiles.shape
     g = kernel.shape[1]

@@ -10,8 +10,9 @@ per-problem loop with the solve of Anderson's small system. The iterations are t
 (``iteration.sinkhorn_iterations`` with ``anderson.AndersonSinkhorn``), in the problems' dtype, so
 the fixed point and the stopping test are unchanged; only the order of the floating-point sums
 differs. Why not that loop with numba's kernel products passed in: its per-step torch operations
-(Anderson's step, the exp and log) cost more than the products (``scripts/bench_iteration.py``,
-docs/benchmarks.md).
+(Anderson's step, the exp and log) cost more than the products, and more for the whole engine than
+the +-5 % a refactoring may cost it (``scripts/bench_iteration.py`` and its ``--engine`` mode;
+docs/benchmarks.md, "Sinkhorn's iteration, written once, and the host kernels").
 
 GPU tensors take the torch backend (``tiled``, ``backend``), which is already batched there.
 """
