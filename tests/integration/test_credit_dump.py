@@ -48,19 +48,15 @@ def test_records_cut_rows_to_their_length_and_round_trip(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_stock_cli_writes_credit_dumps_next_to_verls_rollout_dump(counting_assets, tmp_path):
-    from shear_verl.tiny import TinyConfig, run_tiny
+def test_stock_cli_writes_credit_dumps_next_to_verls_rollout_dump(main_job_runs, tmp_path):
     from shear_verl.view import read_dump, write_credit_page
 
-    config = TinyConfig.counting(steps=2, prompts_per_step=4, group_size=4, dump_groups=0)
-    rollout_dir = tmp_path / "verl_rollouts"
-    metrics = run_tiny(tmp_path / "run", adv="shear", steps=None, config=config, timeout=600,
-                       assets_root=counting_assets.model_dir.parent.parent,
-                       extra_overrides=[f"trainer.rollout_data_dir={rollout_dir}"])
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert sorted(p.name for p in rollout_dir.glob("*.jsonl")) == ["1.jsonl", "2.jsonl"]  # verl's own dump
-    for step in (1, 2):
-        path = tmp_path / "run" / "credit" / f"credit_step{step}.jsonl"
+    workdir, rollout_dir, first, resumed = main_job_runs  # dump_groups=0; resumed at step 3 (tests/conftest.py)
+    metrics = first + resumed
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert sorted(p.name for p in rollout_dir.glob("*.jsonl")) == ["1.jsonl", "2.jsonl", "3.jsonl"]  # verl's own dump
+    for step in (1, 2, 3):
+        path = workdir / "credit" / f"credit_step{step}.jsonl"
         rollouts = read_dump(path)  # the view's reader checks the schema line by line
         assert len(rollouts) == 16 == metrics[step - 1]["shear/dump_rollouts"]  # dump_groups=0: all
         assert {r.step for r in rollouts} == {step} and {r.estimator for r in rollouts} == {"shear"}
@@ -79,7 +75,7 @@ def test_stock_cli_writes_credit_dumps_next_to_verls_rollout_dump(counting_asset
             for r, expect in zip(group, (scores - scores.mean()) / (scores.std() + 1e-6)):
                 assert all(math.isclose(g, float(expect), abs_tol=1e-5) for g in r.grpo_advantage)
     # the dumped first errors are those the grader gives the text verl logged for the same rollouts
-    verl_rows = [json.loads(line) for line in (rollout_dir / "2.jsonl").read_text().splitlines()]
+    verl_rows = [json.loads(line) for line in (rollout_dir / "3.jsonl").read_text().splitlines()]
     wrong = [r for r in rollouts if not r.correct]
     for r in wrong:
         text = "".join(t for t in r.tokens if t != "<|im_end|>")

