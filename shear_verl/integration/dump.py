@@ -113,5 +113,5 @@ def reward_extra_infos(data, rows: int) -> list[dict]:
     if "extra_fields" not in data.keys():
         return [{} for _ in range(rows)]
     extra_fields = data["extra_fields"]
-    rows = extra_fields.tolist() if hasattr(extra_fields, "tolist") else list(extra_fields)
-    return [dict(f.get("reward_extra_info", {}) or {}) if isinstance(f, Mapping) else {} for f in rows]
+    fields = extra_fields.tolist() if hasattr(extra_fields, "tolist") else list(extra_fields)
+    return [dict(f.get("reward_extra_info", {}) or {}) if isinstance(f, Mapping) else {} for f in fields]
